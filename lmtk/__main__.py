@@ -1,0 +1,46 @@
+"""``python -m lmtk``: compose the config, route ``task`` to its function, set the exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lmtk.config import LmtkConfig, Task, register_configs
+
+log = logging.getLogger("lmtk")
+
+register_configs()
+
+
+class CheckpointsFailed(RuntimeError):
+    """Raised in multirun jobs so Hydra records the job as failed and runs the others."""
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lmtk.conf", config_name="config")
+def main(dict_cfg: DictConfig) -> None:
+    cfg: LmtkConfig = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
+    logging.getLogger("lmtk").setLevel({0: logging.WARNING, 1: logging.INFO}.get(cfg.verbose_level, logging.DEBUG))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+
+    if cfg.task is Task.convert:
+        from lmtk.convert import run_convert
+
+        results = run_convert(cfg, run_dir=run_dir)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        message = f"{len(failed)} of {len(results)} checkpoint(s) failed; see {run_dir / 'summary.json'}"
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise CheckpointsFailed(message)
+        log.error("%s", message)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

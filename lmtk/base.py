@@ -1,0 +1,118 @@
+"""The base model: its config, its architecture built on the meta device, its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtk.errors import ConversionError
+from lmtk.readers.base import TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Names and shapes the converted weights must have, from the model class itself."""
+
+    class_name: str
+    # Persistent state-dict entries of the module, as transformers names them in memory.
+    params: dict[str, TensorSpec]
+    # Tied weights in effect: target -> source (``lm_head.weight`` -> the embedding).
+    tied: dict[str, str]
+    # Buffers that ``state_dict`` leaves out (rotary ``inv_freq``): dropped when a checkpoint has them.
+    non_persistent: frozenset[str]
+    base_prefix: str
+
+    @property
+    def saved(self) -> dict[str, TensorSpec]:
+        """What ``save_pretrained`` writes: the params less the tied copies."""
+        return {k: v for k, v in self.params.items() if k not in self.tied}
+
+
+def build_architecture(config: Any) -> Architecture:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = {k: TensorSpec.of(v) for k, v in model.state_dict().items()}
+    buffers = {name for name, _ in model.named_buffers()}
+    return Architecture(
+        class_name=type(model).__name__,
+        params=params,
+        tied=dict(getattr(model, "all_tied_weights_keys", None) or {}),
+        non_persistent=frozenset(buffers - params.keys()),
+        base_prefix=model.base_model_prefix or "",
+    )
+
+
+@dataclass
+class BaseModel:
+    """``convert.base_model``: a local folder or a hub id found in the local cache."""
+
+    name_or_path: str
+
+    @cached_property
+    def config(self) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.name_or_path, **self._hub_kwargs())
+        except (OSError, ValueError) as e:
+            raise ConversionError(self.name_or_path, self._not_found(e)) from e
+
+    @cached_property
+    def architecture(self) -> Architecture:
+        try:
+            return build_architecture(self.config)
+        except ValueError as e:  # not a causal LM config
+            raise ConversionError(self.name_or_path, f"cannot build a causal LM from this config: {e}") from e
+
+    def save_generation_config(self, folder: Path) -> bool:
+        from transformers import GenerationConfig
+
+        try:
+            generation = GenerationConfig.from_pretrained(self.name_or_path, **self._hub_kwargs())
+        except (OSError, ValueError):
+            generation = GenerationConfig.from_model_config(self.config)
+        if generation.to_diff_dict():
+            generation.save_pretrained(folder)
+            return True
+        return False
+
+    def save_tokenizer(self, folder: Path) -> list[str]:
+        """Write the base model's tokenizer files into ``folder``; a warning when it has none."""
+        from transformers import AutoTokenizer
+
+        before = set(os.listdir(folder))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **self._hub_kwargs())
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("%s: no tokenizer to copy (%s); the output has weights and config only",
+                        self.name_or_path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return []
+        tokenizer.save_pretrained(folder)
+        return sorted(set(os.listdir(folder)) - before)
+
+    def _hub_kwargs(self) -> dict[str, Any]:
+        # A local folder never touches the network; a hub id is looked up in the cache first.
+        return {"local_files_only": True} if Path(self.name_or_path).is_dir() or _offline() else {}
+
+    def _not_found(self, e: Exception) -> str:
+        if Path(self.name_or_path).is_dir():
+            return f"not a model folder: {str(e).splitlines()[0]}"
+        return (
+            f"base model not found: not a local folder, not in the HuggingFace cache, and the hub is "
+            f"unreachable or offline; set convert.base_model=/path/to/folder holding config.json "
+            f"(and tokenizer files)"
+        )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}

@@ -1,0 +1,75 @@
+"""Typed schemas for every config group; the YAML files in ``conf/`` fill them in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from importlib.resources import files
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class Task(str, Enum):
+    convert = "convert"
+
+
+class InitialFormat(str, Enum):
+    """``fsdp`` detects the layout; the others pin one layout."""
+
+    fsdp = "fsdp"
+    full = "full"
+    dcp = "dcp"
+    ranks = "ranks"
+
+
+class FinalFormat(str, Enum):
+    huggingface = "huggingface"
+
+
+@dataclass
+class ModelConfig:
+    # A HuggingFace hub id or a local folder holding config.json (and tokenizer files).
+    name_or_path: str = MISSING
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    checkpoints: str = "${.root}/output"
+    converted: str = "${.root}/converted"
+
+
+@dataclass
+class ConvertConfig:
+    base_model: str = "${model.name_or_path}"
+    checkpoint_path: str = "${paths.checkpoints}"
+    initial_format: InitialFormat = InitialFormat.fsdp
+    final_format: FinalFormat = FinalFormat.huggingface
+    output_dir: str = "${paths.converted}"
+    # A shard never exceeds this size unless one tensor does (huggingface_hub's rule).
+    max_shard_size: str = "5GB"
+    # Reconvert even when a finished output folder of lmtk's is already in place.
+    overwrite: bool = False
+
+
+@dataclass
+class LmtkConfig:
+    task: Task = MISSING
+    experiment_name: str = "lmtk"
+    # 0 warnings only, 1 progress, 2 debug
+    verbose_level: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+
+
+def example_path(name: str) -> str:
+    """``${lmtk.example:NAME}``: a file of the bundled example, wherever lmtk is installed."""
+    return str(files("lmtk.examples") / name)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=LmtkConfig)
+    OmegaConf.register_new_resolver("lmtk.example", example_path, replace=True)

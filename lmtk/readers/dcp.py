@@ -1,0 +1,159 @@
+"""torch.distributed.checkpoint directories: ``.metadata`` plus ``__R_S.distcp`` files.
+
+``.metadata`` is a pickle; DCP's own reader unpickles it with no restriction, so a crafted file
+could run code. We unpickle it with an allow-list of DCP's metadata classes, and read each tensor
+chunk straight from the byte range the metadata points to. Non-tensor entries (optimizer
+hyper-parameters, counters) are never unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtk.errors import ConversionError, listing
+from lmtk.readers.base import SourceInfo, TensorSpec
+from lmtk.readers.full import STATE_DICT_KEYS
+
+log = logging.getLogger(__name__)
+
+METADATA = ".metadata"
+_DCP = "torch.distributed.checkpoint"
+ALLOWED_GLOBALS = {
+    (f"{_DCP}.metadata", name)
+    for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    (f"{_DCP}.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+# Roots that hold training state, not the model: skipped when no model root is found.
+NON_MODEL_ROOTS = ("optimizer", "optim", "optimizers", "lr_scheduler", "scheduler", "dataloader", "rng", "extra_state")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
+
+
+def read_metadata(path: Path) -> Any:
+    file = path / METADATA
+    if not file.is_file():
+        raise ConversionError(path, "incomplete DCP checkpoint: no .metadata file (the save did not finish?)")
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise ConversionError(file, f"refused to unpickle: {e}") from e
+    except Exception as e:
+        raise ConversionError(file, f"unreadable DCP metadata ({type(e).__name__}: {e})") from e
+    if type(metadata).__name__ != "Metadata" or not hasattr(metadata, "state_dict_metadata"):
+        raise ConversionError(file, f"holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+def model_entries(names: list[str]) -> tuple[dict[str, str], str]:
+    """Checkpoint name -> model name, and the root the model sat under ("" when at the top)."""
+    for root in STATE_DICT_KEYS + tuple(f"app.{k}" for k in STATE_DICT_KEYS):
+        found = {n: n[len(root) + 1 :] for n in names if n.startswith(root + ".")}
+        if found:
+            return found, root
+    return {n: n for n in names if n.split(".")[0] not in NON_MODEL_ROOTS}, ""
+
+
+class DcpReader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        metadata = read_metadata(path)
+        tensors = {
+            fqn: md for fqn, md in metadata.state_dict_metadata.items() if type(md).__name__ == "TensorStorageMetadata"
+        }
+        self._names, root = model_entries(list(tensors))
+        if not self._names:
+            raise ConversionError(path, "no model tensors in this DCP checkpoint")
+        self._tensors = {fqn: tensors[fqn] for fqn in self._names}
+        self._storage = _storage_by_fqn(metadata.storage_data, self._tensors)
+        files = self._check_files()
+        skipped = len(metadata.state_dict_metadata) - len(self._names)
+        log.info("%s: %d model tensors under %r; %d other entries skipped", path, len(self._names), root, skipped)
+        self._by_model_name = {m: fqn for fqn, m in self._names.items()}
+        self.info = SourceInfo(layout="dcp", files=[path / METADATA, *files], location=root)
+
+    def _check_files(self) -> list[Path]:
+        ends: dict[str, int] = {}
+        for chunks in self._storage.values():
+            for _, info in chunks:
+                ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        missing = [name for name in sorted(ends) if not (self.path / name).is_file()]
+        if missing:
+            raise ConversionError(self.path, f"incomplete DCP checkpoint: missing {listing(missing)}")
+        short = [f"{n} ({(self.path / n).stat().st_size} < {end} bytes)" for n, end in sorted(ends.items())
+                 if (self.path / n).stat().st_size < end]
+        if short:
+            raise ConversionError(self.path, f"truncated DCP shard files: {listing(short)}")
+        return [self.path / name for name in sorted(ends)]
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {m: TensorSpec(tuple(self._tensors[fqn].size), self._tensors[fqn].properties.dtype)
+                for fqn, m in self._names.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        fqn = self._by_model_name[name]
+        md = self._tensors[fqn]
+        full = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for index, info in self._storage[fqn]:
+            chunk = self._load_chunk(info, fqn)
+            region = full
+            for dim, (start, length) in enumerate(zip(index.offset, chunk.shape)):
+                region = region.narrow(dim, start, length)
+            region.copy_(chunk)
+        return full
+
+    def _load_chunk(self, info: Any, fqn: str) -> torch.Tensor:
+        if getattr(info, "transform_descriptors", None):
+            raise ConversionError(self.path, f"{fqn} is stored with transforms {info.transform_descriptors}; not supported")
+        with open(self.path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConversionError(self.path / info.relative_path, f"corrupt chunk of {fqn} ({type(e).__name__})") from e
+
+    def close(self) -> None:
+        self._storage = {}
+
+
+def _storage_by_fqn(storage_data: dict[Any, Any], tensors: dict[str, Any]) -> dict[str, list[tuple[Any, Any]]]:
+    by_fqn: dict[str, list[tuple[Any, Any]]] = {fqn: [] for fqn in tensors}
+    for index, info in storage_data.items():
+        if index.fqn in by_fqn:
+            by_fqn[index.fqn].append((index, info))
+    for fqn, md in tensors.items():
+        covered = sum(_numel(c.sizes) for c in md.chunks)
+        if covered != _numel(md.size) or len(by_fqn[fqn]) != len(md.chunks):
+            raise ConversionError(fqn, "DCP metadata does not cover the whole tensor (a broken or mixed save)")
+    return by_fqn
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,125 @@
+"""One ``torch.save`` per rank of DTensor shards: ``model_world_size_W_rank_R.pt`` (verl's layout).
+
+Each tensor is rebuilt from its placements: ``Shard(dim)`` pieces (uneven last pieces included)
+are placed at their offsets, ``Replicate`` copies are taken once. A plain tensor in every rank
+file (a one-GPU or DDP save) is already whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtk.errors import ConversionError, listing
+from lmtk.readers.base import SourceInfo, TensorSpec
+from lmtk.readers.full import find_state_dict, safe_load
+
+log = logging.getLogger(__name__)
+
+RANK_FILE = re.compile(r"^(?P<stem>.+)_world_size_(?P<world>\d+)_rank_(?P<rank>\d+)\.pt$")
+
+
+def rank_files(path: Path) -> tuple[list[Path], int]:
+    """The model's rank files in order, after checking the set is whole and from one world size."""
+    found = [(p, RANK_FILE.match(p.name)) for p in sorted(path.iterdir())]
+    matches = [(p, m) for p, m in found if m]
+    stems = {m["stem"] for _, m in matches}
+    stem = "model" if "model" in stems else (stems.pop() if len(stems) == 1 else None)
+    if stem is None:
+        raise ConversionError(path, f"rank files of several kinds ({', '.join(sorted(stems))}) and none named model_*")
+    matches = [(p, m) for p, m in matches if m["stem"] == stem]
+    worlds = {int(m["world"]) for _, m in matches}
+    if len(worlds) > 1:
+        raise ConversionError(path, f"rank files from different world sizes {sorted(worlds)}: "
+                              + listing([p.name for p, _ in matches]))
+    world = worlds.pop()
+    by_rank = {int(m["rank"]): p for p, m in matches}
+    missing = [f"{stem}_world_size_{world}_rank_{r}.pt" for r in range(world) if r not in by_rank]
+    if missing:
+        raise ConversionError(path, f"incomplete rank set (world size {world}): missing {listing(missing)}")
+    extra = sorted(r for r in by_rank if r >= world)
+    if extra:
+        raise ConversionError(path, f"rank numbers {extra} do not fit world size {world}")
+    return [by_rank[r] for r in range(world)], world
+
+
+class RankShardReader:
+    def __init__(self, path: Path) -> None:
+        import torch.distributed.tensor  # noqa: F401  registers DTensor's types with the weights-only loader
+
+        self.path = path
+        files, self.world = rank_files(path)
+        self._ranks: list[dict[str, Any]] = []
+        metadata: dict[str, Any] = {}
+        # Unpickling a DeviceMesh outside a process group warns once per tensor; it is harmless here.
+        mesh_log = logging.getLogger("torch.distributed.device_mesh")
+        level, mesh_log.level = mesh_log.level, logging.ERROR
+        try:
+            for file in files:
+                tensors, location, metadata = find_state_dict(safe_load(file), file)
+                self._ranks.append(tensors)
+        finally:
+            mesh_log.setLevel(level)
+        self._check_consistent(files)
+        self.info = SourceInfo(layout="ranks", files=files, metadata=metadata, location=location)
+
+    def _check_consistent(self, files: list[Path]) -> None:
+        first = self._ranks[0]
+        for file, tensors in zip(files[1:], self._ranks[1:]):
+            if tensors.keys() != first.keys():
+                diff = sorted(tensors.keys() ^ first.keys())
+                raise ConversionError(file, f"holds other tensors than {files[0].name} (a different run?): {listing(diff)}")
+            for name, t in tensors.items():
+                if tuple(t.shape) != tuple(first[name].shape) or t.dtype != first[name].dtype:
+                    raise ConversionError(file, f"{name} has another global shape or dtype than in {files[0].name} (a different run?)")
+        for file, tensors in zip(files, self._ranks):
+            for name, t in tensors.items():
+                mesh = getattr(t, "device_mesh", None)
+                if mesh is not None and mesh.size() != self.world:
+                    raise ConversionError(file, f"{name} was sharded over {mesh.size()} ranks, but the files say {self.world}")
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in self._ranks[0].items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        first = self._ranks[0][name]
+        if not hasattr(first, "placements"):
+            return first  # a plain tensor is the same whole tensor on every rank
+        full = torch.empty(tuple(first.shape), dtype=first.dtype)
+        for rank, tensors in enumerate(self._ranks):
+            dtensor = tensors[name]
+            region = full
+            try:
+                offsets = _offsets(dtensor, rank)
+            except ValueError as e:
+                raise ConversionError(self.info.files[rank], f"{name}: {e}") from e
+            for dim, start in offsets.items():
+                region = region.narrow(dim, start, dtensor._local_tensor.shape[dim])
+            region.copy_(dtensor._local_tensor)
+        return full
+
+    def close(self) -> None:
+        self._ranks = []
+
+
+def _offsets(dtensor: Any, rank: int) -> dict[int, int]:
+    """Tensor dim -> where this rank's piece starts, from torch.chunk's split of each sharded dim."""
+    mesh = dtensor.device_mesh.mesh
+    coordinate = (mesh == rank).nonzero()[0].tolist()
+    offsets: dict[int, int] = {}
+    for mesh_dim, placement in enumerate(dtensor.placements):
+        if placement.is_replicate():
+            continue
+        if not placement.is_shard() or type(placement).__name__ != "Shard":
+            raise ValueError(f"placement {placement} is not supported (only Shard and Replicate)")
+        dim = placement.dim
+        if dim in offsets:
+            raise ValueError(f"dim {dim} is sharded twice; not supported")
+        size, parts = dtensor.shape[dim], mesh.shape[mesh_dim]
+        chunk = -(-size // parts)
+        offsets[dim] = min(coordinate[mesh_dim] * chunk, size)
+    return offsets

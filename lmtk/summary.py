@@ -1,0 +1,42 @@
+"""What happened to each checkpoint: ``summary.json`` in the run dir and a table in the log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "skipped", "failed"]
+
+
+@dataclass
+class Result:
+    checkpoint: str
+    status: Status
+    output: str | None = None
+    error: str | None = None
+    layout: str | None = None
+    seconds: float = 0.0
+    bytes_written: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def write_summary(path: Path, results: list[Result]) -> None:
+    """Atomically replace ``path`` with the results (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps({"results": [asdict(r) for r in results]}, indent=2, default=str) + "\n")
+    os.replace(temp, path)
+
+
+def log_summary(results: list[Result]) -> None:
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    log.info("summary: %d ok, %d skipped, %d failed", counts["ok"], counts["skipped"], counts["failed"])
+    for r in results:
+        where = r.output if r.status != "failed" else r.error
+        log.info("  %-7s %s -> %s", r.status, r.checkpoint, where)

@@ -1,0 +1,242 @@
+"""Real FSDP2 checkpoints of tiny models, for the bundled example, the tests and the benchmarks.
+
+A few CPU processes (gloo) shard a small model with ``fully_shard``, take one optimizer step and
+save it the ways training code does. Rank 0 also saves the sharded model's own logits on a fixed
+input, the reference a converted folder must reproduce.
+
+    python -m lmtk.synthetic OUT_DIR --family gpt2 --world-size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# What one run can save; see ``_save`` for what each one is.
+LAYOUTS = ("bare", "wrapped", "prefixed", "ddp", "dcp", "ranks")
+FAMILIES = ("gpt2", "llama")
+VOCAB_SIZE = 512
+CORPUS = (
+    "FSDP shards every parameter across ranks and gathers them for the forward pass. "
+    "A checkpoint may hold the full state dict, a torch.distributed.checkpoint directory, "
+    "or one file per rank. The converter reads each tensor once and writes safetensors. "
+)
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """A config small enough for tests; hidden sizes chosen so 3 ranks shard them unevenly."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if family == "gpt2":
+        config = GPT2Config(
+            vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )
+    elif family == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        )
+    else:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer trained on the fly (nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 8, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+
+def make_base_folder(folder: Path, family: str, **overrides: Any) -> Path:
+    """config.json + tokenizer files: what ``convert.base_model`` points at."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_config(family, **overrides).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+def fixed_input() -> torch.Tensor:
+    return torch.arange(24).reshape(2, 12) * 7 % VOCAB_SIZE
+
+
+def save_checkpoints(
+    base_folder: Path,
+    out_dir: Path,
+    *,
+    reference: Path,
+    world_size: int = 2,
+    layouts: Sequence[str] = LAYOUTS,
+    seed: int = 0,
+) -> Path:
+    """Run FSDP2 on ``world_size`` CPU processes and save the chosen layouts under ``out_dir``.
+
+    ``reference`` receives ``{"input_ids", "logits"}`` from the sharded model after its step.
+    """
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown:
+        raise ValueError(f"unknown layouts {sorted(unknown)}; choose from {LAYOUTS}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    torch.multiprocessing.spawn(
+        _worker,
+        args=(world_size, port, str(base_folder), str(out_dir), str(reference), tuple(layouts), seed),
+        nprocs=world_size,
+    )
+    return out_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int, world_size: int, port: int, base: str, out: str, reference: str, layouts: tuple[str, ...], seed: int
+) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        _train_and_save(rank, world_size, Path(base), Path(out), Path(reference), layouts, seed)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _build(base: Path, seed: int) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)  # every rank builds the same initial weights
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+
+
+def _train_and_save(
+    rank: int, world_size: int, base: Path, out: Path, reference: Path, layouts: tuple[str, ...], seed: int
+) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import fully_shard
+
+    model = _build(base, seed)
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block)  # activation checkpointing, as large runs use it
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = fixed_input()
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    if rank == 0:
+        torch.save({"input_ids": ids, "logits": logits}, reference)
+
+    for layout in layouts:
+        _save(layout, model, optimizer, rank=rank, world_size=world_size, base=base, out=out, seed=seed)
+        dist.barrier()
+
+
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    for name in ("transformer.h", "model.layers"):
+        module: Any = model
+        try:
+            for part in name.split("."):
+                module = getattr(module, part)
+            return module
+        except AttributeError:
+            continue
+    raise ValueError(f"no transformer blocks found in {type(model).__name__}")
+
+
+def _save(layout: str, model: Any, optimizer: Any, *, rank: int, world_size: int, base: Path, out: Path, seed: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if layout == "bare":  # FSDP's full state dict, saved as is
+        sd = get_model_state_dict(model, options=full)
+        if rank == 0:
+            torch.save(sd, out / "bare.pth")
+    elif layout == "wrapped":  # inside a training dict, next to optimizer state and counters
+        sd = get_model_state_dict(model, options=full)
+        osd = get_optimizer_state_dict(model, optimizer, options=full)
+        if rank == 0:
+            torch.save({"model": sd, "optimizer": osd, "epoch": 3, "step": 1200, "lr": 1e-2}, out / "wrapped.pth")
+    elif layout == "prefixed":  # raw module state dict of a compiled, checkpoint-wrapped model, Lightning-style
+        compiled = torch.compile(model)  # never run: only its state_dict() names matter
+        sd = {k: v.full_tensor() for k, v in compiled.state_dict().items()}
+        if rank == 0:
+            torch.save({"state_dict": sd, "global_step": 1200, "epoch": 3}, out / "prefixed.pth")
+    elif layout == "ddp":  # the same weights trained under DDP: keys start with ``module.``
+        from torch.nn.parallel import DistributedDataParallel
+
+        plain = _build(base, seed)
+        plain.load_state_dict(get_model_state_dict(model, options=full), strict=False, assign=True)
+        plain.tie_weights()
+        sd = DistributedDataParallel(plain).state_dict()
+        if rank == 0:
+            torch.save({"model_state_dict": sd, "epoch": 3}, out / "ddp.pth")
+    elif layout == "dcp":  # torch.distributed.checkpoint, as FSDP2 / torchtitan / Accelerate save it
+        state = {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+            "step": 1200,
+        }
+        dcp.save(state, checkpoint_id=out / "dcp")
+    elif layout == "ranks":  # one torch.save per rank of DTensor shards, as verl writes them
+        folder = out / "ranks"
+        folder.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), folder / f"model_world_size_{world_size}_rank_{rank}.pt")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--family", choices=FAMILIES, default="gpt2")
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated, from: " + ", ".join(LAYOUTS))
+    args = parser.parse_args(argv)
+    base = make_base_folder(args.out_dir / "base", args.family)
+    checkpoints, reference = args.out_dir / "checkpoints", args.out_dir / "reference.pt"
+    save_checkpoints(
+        base, checkpoints, reference=reference, world_size=args.world_size, layouts=args.layouts.split(",")
+    )
+    print(f"base model folder: {base}\ncheckpoints: {checkpoints}\nreference logits: {reference}")
+
+
+if __name__ == "__main__":
+    main()
