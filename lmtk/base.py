@@ -86,18 +86,27 @@ class BaseModel:
             return True
         return False
 
-    def save_tokenizer(self, folder: Path) -> list[str]:
-        """Write the base model's tokenizer files into ``folder``; a warning when it has none."""
+    @cached_property
+    def tokenizer(self) -> Any | None:
         from transformers import AutoTokenizer
 
-        before = set(os.listdir(folder))
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **self._hub_kwargs())
         except (OSError, ValueError, TypeError) as e:
-            log.warning("%s: no tokenizer to copy (%s); the output has weights and config only",
-                        self.name_or_path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        else:
+            if tokenizer.vocab_size:
+                return tokenizer
+            reason = "it has no tokenizer files"  # transformers builds an empty one from config.json alone
+        log.warning("%s: no tokenizer to copy (%s); outputs get weights and config only", self.name_or_path, reason)
+        return None
+
+    def save_tokenizer(self, folder: Path) -> list[str]:
+        """Write the base model's tokenizer files into ``folder``; nothing (and a warning) when it has none."""
+        if self.tokenizer is None:
             return []
-        tokenizer.save_pretrained(folder)
+        before = set(os.listdir(folder))
+        self.tokenizer.save_pretrained(folder)
         return sorted(set(os.listdir(folder)) - before)
 
     def _hub_kwargs(self) -> dict[str, Any]:

@@ -28,6 +28,13 @@ class Plan:
 
 
 def make_plan(path: Path, specs: dict[str, TensorSpec], arch: Architecture) -> Plan:
+    flat = [n for n in specs if n.split(".")[-1] in ("_flat_param", "flat_param") or "._fpw_module." in n]
+    if flat:
+        raise ConversionError(
+            path,
+            f"FSDP1 LOCAL_STATE_DICT (flattened parameters such as {flat[0]}) records no original names or shapes "
+            "and cannot be converted; save with StateDictType.SHARDED_STATE_DICT (DCP) or FULL_STATE_DICT instead",
+        )
     known = arch.params.keys() | arch.non_persistent
     by_target: dict[str, str] = {}
     unexpected: list[str] = []

@@ -89,17 +89,17 @@ class DcpReader:
             raise ConversionError(path, "no model tensors in this DCP checkpoint")
         self._tensors = {fqn: tensors[fqn] for fqn in self._names}
         self._storage = _storage_by_fqn(metadata.storage_data, self._tensors)
-        files = self._check_files()
+        files = self._check_files(metadata.storage_data)
         skipped = len(metadata.state_dict_metadata) - len(self._names)
         log.info("%s: %d model tensors under %r; %d other entries skipped", path, len(self._names), root, skipped)
         self._by_model_name = {m: fqn for fqn, m in self._names.items()}
         self.info = SourceInfo(layout="dcp", files=[path / METADATA, *files], location=root)
 
-    def _check_files(self) -> list[Path]:
+    def _check_files(self, storage_data: dict[Any, Any]) -> list[Path]:
+        # Every entry counts, optimizer state too: a short or missing file means a broken save.
         ends: dict[str, int] = {}
-        for chunks in self._storage.values():
-            for _, info in chunks:
-                ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for info in storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
         missing = [name for name in sorted(ends) if not (self.path / name).is_file()]
         if missing:
             raise ConversionError(self.path, f"incomplete DCP checkpoint: missing {listing(missing)}")
