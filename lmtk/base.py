@@ -9,47 +9,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from lmtk.architecture import Architecture, build_architecture
 from lmtk.errors import ConversionError
-from lmtk.readers.base import TensorSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Names and shapes the converted weights must have, from the model class itself."""
-
-    class_name: str
-    # Persistent state-dict entries of the module, as transformers names them in memory.
-    params: dict[str, TensorSpec]
-    # Tied weights in effect: target -> source (``lm_head.weight`` -> the embedding).
-    tied: dict[str, str]
-    # Buffers that ``state_dict`` leaves out (rotary ``inv_freq``): dropped when a checkpoint has them.
-    non_persistent: frozenset[str]
-    base_prefix: str
-
-    @property
-    def saved(self) -> dict[str, TensorSpec]:
-        """What ``save_pretrained`` writes: the params less the tied copies."""
-        return {k: v for k, v in self.params.items() if k not in self.tied}
-
-
-def build_architecture(config: Any) -> Architecture:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    params = {k: TensorSpec.of(v) for k, v in model.state_dict().items()}
-    buffers = {name for name, _ in model.named_buffers()}
-    return Architecture(
-        class_name=type(model).__name__,
-        params=params,
-        tied=dict(getattr(model, "all_tied_weights_keys", None) or {}),
-        non_persistent=frozenset(buffers - params.keys()),
-        base_prefix=model.base_model_prefix or "",
-    )
 
 
 @dataclass
@@ -71,8 +34,8 @@ class BaseModel:
     def architecture(self) -> Architecture:
         try:
             return build_architecture(self.config)
-        except ValueError as e:  # not a causal LM config
-            raise ConversionError(self.name_or_path, f"cannot build a causal LM from this config: {e}") from e
+        except ValueError as e:  # not a causal LM, or a weight mapping we cannot stream
+            raise ConversionError(self.name_or_path, f"cannot convert to this model: {e}") from e
 
     def save_generation_config(self, folder: Path) -> bool:
         from transformers import GenerationConfig

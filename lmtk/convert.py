@@ -16,7 +16,7 @@ from lmtk.base import BaseModel
 from lmtk.config import ConvertConfig, LmtkConfig
 from lmtk.errors import ConversionError
 from lmtk.output import MARKER, staged_folder
-from lmtk.plan import Plan, make_plan
+from lmtk.plan import Plan, fetcher, make_plan
 from lmtk.readers import Reader, find_checkpoints, open_reader
 from lmtk.summary import Result, log_summary, write_summary
 from lmtk.writer import write_model_weights
@@ -75,7 +75,7 @@ def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertCo
     _check_tied(reader, plan)
     with staged_folder(final, overwrite=options.overwrite) as folder:
         write_model_weights(
-            folder, plan.outputs, lambda name: reader.read(plan.sources[name]),
+            folder, plan.outputs, fetcher(reader, plan, arch),
             max_shard_size=options.max_shard_size, label=final.name,
         )
         config = copy.deepcopy(base.config)
@@ -115,6 +115,7 @@ def _write_marker(folder: Path, reader: Reader, plan: Plan) -> None:
         "files": [{"path": str(p), "size": p.stat().st_size, "mtime": p.stat().st_mtime} for p in info.files],
         "location": info.location,
         "metadata": info.metadata,
+        "naming": plan.naming.name,
         "renamed": plan.renamed,
         "dropped": plan.dropped,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -3,62 +3,82 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lmtk import keys
-from lmtk.base import Architecture
+from lmtk.architecture import Architecture, Naming
 from lmtk.errors import ConversionError, listing
-from lmtk.readers.base import TensorSpec
+from lmtk.readers.base import Reader, TensorSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Plan:
-    # Output name -> checkpoint key it is read from.
-    sources: dict[str, str]
-    # Output name -> spec, in the architecture's order.
+    naming: Naming
+    # On-disk name -> spec (the checkpoint's dtype), in save_pretrained's order.
     outputs: dict[str, TensorSpec]
+    # On-disk name -> (name in the naming, checkpoint key) of each tensor it is converted from.
+    sources: dict[str, tuple[tuple[str, str], ...]]
     # Checkpoint keys renamed (old -> new), and keys dropped on purpose, for the log and provenance.
     renamed: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
-    # (tied copy in the checkpoint, the tensor it must equal), checked when read.
+    # (tied copy in the checkpoint, the key it must equal).
     tied_checks: list[tuple[str, str]] = field(default_factory=list)
 
 
-def make_plan(path: Path, specs: dict[str, TensorSpec], arch: Architecture) -> Plan:
-    flat = [n for n in specs if n.split(".")[-1] in ("_flat_param", "flat_param") or "._fpw_module." in n]
-    if flat:
-        raise ConversionError(
-            path,
-            f"FSDP1 LOCAL_STATE_DICT (flattened parameters such as {flat[0]}) records no original names or shapes "
-            "and cannot be converted; save with StateDictType.SHARDED_STATE_DICT (DCP) or FULL_STATE_DICT instead",
-        )
-    known = arch.params.keys() | arch.non_persistent
-    by_target: dict[str, str] = {}
-    unexpected: list[str] = []
-    duplicated: list[str] = []
-    renamed: dict[str, str] = {}
-    for name in specs:
-        target = keys.match(name, known, base_prefix=arch.base_prefix)
-        if target is None:
-            unexpected.append(name)
-            continue
-        if target in by_target:
-            duplicated.append(f"{by_target[target]} and {name} -> {target}")
-            continue
-        by_target[target] = name
-        if target != name:
-            renamed[name] = target
+@dataclass
+class _Match:
+    naming: Naming
+    by_name: dict[str, str]  # name in the naming -> checkpoint key
+    renamed: dict[str, str]
+    dropped: list[str]
+    problems: list[str]
 
-    dropped = [by_target.pop(t) for t in sorted(arch.non_persistent & by_target.keys())]
-    saved = arch.saved
-    missing = [t for t in saved if t not in by_target]
+
+def make_plan(path: Path, specs: dict[str, TensorSpec], arch: Architecture) -> Plan:
+    _refuse_flat_params(path, specs)
+    matches = [_match(specs, naming, arch) for naming in arch.namings]
+    best = min(matches, key=lambda m: (len(m.problems) > 0, -len(m.by_name)))
+    if best.problems:
+        raise ConversionError(path, f"does not match {arch.class_name} ({best.naming.name} names): "
+                              + "; ".join(best.problems))
+    naming, by_name = best.naming, best.by_name
+    tied_checks = [(by_name[c], by_name[s]) for c, s in naming.tied.items() if c in by_name]
+    dropped = best.dropped + [c for c, _ in tied_checks]
+    if arch.converts:
+        log.info("%s: tensors carry %s names", path, naming.name)
+    if best.renamed:
+        log.info("%s: renamed %d keys (%s)", path, len(best.renamed), keys.describe_renames(best.renamed))
+    if dropped:
+        log.info("%s: dropping %s (tied copies, buffers)", path, listing(dropped))
+    sources = {out: tuple((n, by_name[n]) for n in names) for out, names in naming.sources.items()}
+    outputs = {out: TensorSpec(spec.shape, specs[sources[out][0][1]].dtype) for out, spec in arch.disk.items()}
+    return Plan(naming=naming, outputs=outputs, sources=sources, renamed=best.renamed, dropped=dropped,
+                tied_checks=tied_checks)
+
+
+def _match(specs: dict[str, TensorSpec], naming: Naming, arch: Architecture) -> _Match:
+    by_name: dict[str, str] = {}
+    unexpected, duplicated, dropped = [], [], []
+    for key in specs:
+        name = keys.match(key, naming.params.keys(), base_prefix=arch.base_prefix)
+        if name is None:
+            stripped = keys.strip_wrappers(key)
+            (dropped if arch.droppable_name(stripped) else unexpected).append(key)
+        elif name in by_name:
+            duplicated.append(f"{by_name[name]} and {key} -> {name}")
+        else:
+            by_name[name] = key
+    required = {n for names in naming.sources.values() for n in names}
+    missing = [n for n in naming.params if n in required and n not in by_name]
     wrong_shape = [
-        f"{by_target[t]} {list(specs[by_target[t]].shape)} != {list(spec.shape)}"
-        for t, spec in arch.params.items()
-        if t in by_target and specs[by_target[t]].shape != spec.shape
+        f"{by_name[n]} {list(specs[by_name[n]].shape)} != {list(spec.shape)}"
+        for n, spec in naming.params.items() if n in by_name and specs[by_name[n]].shape != spec.shape
     ]
     problems = []
     if missing:
@@ -69,19 +89,28 @@ def make_plan(path: Path, specs: dict[str, TensorSpec], arch: Architecture) -> P
         problems.append(f"keys that map to the same weight: {listing(duplicated)}")
     if wrong_shape:
         problems.append(f"wrong shapes: {listing(wrong_shape)}")
-    if problems:
-        raise ConversionError(path, f"does not match {arch.class_name}: " + "; ".join(problems))
+    renamed = {key: name for name, key in by_name.items() if key != name}
+    return _Match(naming, by_name, renamed, dropped, problems)
 
-    tied_checks = [(by_target[t], by_target[s]) for t, s in arch.tied.items() if t in by_target]
-    dropped += [c for c, _ in tied_checks]
-    if renamed:
-        log.info("%s: renamed %d keys (%s)", path, len(renamed), keys.describe_renames(renamed))
-    if dropped:
-        log.info("%s: dropping %s (tied copies, non-persistent buffers)", path, listing(dropped))
-    return Plan(
-        sources={t: by_target[t] for t in saved},
-        outputs={t: specs[by_target[t]] for t in saved},
-        renamed=renamed,
-        dropped=dropped,
-        tied_checks=tied_checks,
-    )
+
+def _refuse_flat_params(path: Path, specs: dict[str, TensorSpec]) -> None:
+    flat = [n for n in specs if n.split(".")[-1] in ("_flat_param", "flat_param")]
+    if flat:
+        raise ConversionError(
+            path,
+            f"FSDP1 LOCAL_STATE_DICT (flattened parameters such as {flat[0]}) records no original names or shapes "
+            "and cannot be converted; save with StateDictType.SHARDED_STATE_DICT (DCP) or FULL_STATE_DICT instead",
+        )
+
+
+def fetcher(reader: Reader, plan: Plan, arch: Architecture) -> Callable[[str], torch.Tensor]:
+    """On-disk name -> tensor, converting each group once and keeping its results only until written."""
+    ready: dict[str, torch.Tensor] = {}
+
+    def fetch(out: str) -> torch.Tensor:
+        if out not in ready:
+            group = {name: reader.read(key) for name, key in plan.sources[out]}
+            ready.update(arch.to_disk(plan.naming, group))
+        return ready.pop(out)
+
+    return fetch

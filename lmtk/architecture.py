@@ -1,0 +1,136 @@
+"""What the converted weights must be, read off the model class built on the meta device.
+
+transformers names some tensors differently in memory and on disk (a Mixtral module holds fused
+``mlp.experts.gate_up_proj``; ``save_pretrained`` writes per-expert ``block_sparse_moe.experts.N.w1``).
+A checkpoint may use either naming, so both are described here, and the output is always the
+on-disk one, made with transformers' own ``revert_weight_conversion`` one small group at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmtk.readers.base import TensorSpec
+
+log = logging.getLogger(__name__)
+
+MEMORY, HUB = "in-memory", "hub"
+_LAYER = re.compile(r"^(.*?\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class Naming:
+    """One way to name the model's tensors."""
+
+    name: str
+    # Every persistent tensor under this naming, tied copies included.
+    params: dict[str, TensorSpec]
+    # Tied weights in effect: copy -> the tensor it equals (``lm_head.weight`` -> the embedding).
+    tied: dict[str, str]
+    # On-disk name -> the names (in this naming) whose tensors it is converted from, together.
+    sources: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    class_name: str
+    base_prefix: str
+    # What ``save_pretrained`` writes, in its order (dtypes are the checkpoint's, not these).
+    disk: dict[str, TensorSpec]
+    namings: tuple[Naming, ...]
+    # Names a checkpoint may carry that the output never has (non-persistent buffers, old rotary caches).
+    droppable: frozenset[str]
+    ignore_patterns: tuple[str, ...]
+    model: Any  # the meta-device module, for transformers' conversion functions
+
+    @property
+    def converts(self) -> bool:
+        return len(self.namings) > 1
+
+    def droppable_name(self, name: str) -> bool:
+        return name in self.droppable or name.endswith(".inv_freq") or any(
+            re.search(p, name) for p in self.ignore_patterns
+        )
+
+    def to_disk(self, naming: Naming, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One group of tensors under ``naming`` -> the tensors ``save_pretrained`` writes for them."""
+        if naming.name == HUB or not self.converts:
+            return tensors
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.model, tensors)
+
+
+def build_architecture(config: Any) -> Architecture:
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    ignored = set(model._keys_to_ignore_on_save or ())
+    saved = {k: v for k, v in state.items() if k not in tied and k not in ignored}
+    disk = revert_weight_conversion(model, dict(saved))
+    memory = Naming(
+        name=MEMORY,
+        params={k: TensorSpec.of(v) for k, v in state.items()},
+        tied=tied,
+        sources=_sources(model, saved, disk),
+    )
+    namings: tuple[Naming, ...] = (memory,)
+    if set(disk) != set(saved):
+        namings += (_hub_naming(model, disk, tied),)
+    buffers = {name for name, _ in model.named_buffers()}
+    return Architecture(
+        class_name=type(model).__name__,
+        base_prefix=model.base_model_prefix or "",
+        disk={k: TensorSpec.of(v) for k, v in disk.items()},
+        namings=namings,
+        droppable=frozenset(buffers - state.keys()),
+        ignore_patterns=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+        model=model,
+    )
+
+
+def _sources(model: Any, saved: dict[str, torch.Tensor], disk: dict[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
+    """Group in-memory names so each group converts on its own; per tensor when possible, else per layer."""
+    if set(disk) == set(saved):
+        return {k: (k,) for k in disk}
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for group_of in (lambda key: key, lambda key: (m.group(1) if (m := _LAYER.match(key)) else key)):
+        groups: dict[str, list[str]] = {}
+        for key in saved:
+            groups.setdefault(group_of(key), []).append(key)
+        sources: dict[str, tuple[str, ...]] = {}
+        try:
+            for members in groups.values():
+                for out, tensor in revert_weight_conversion(model, {k: saved[k] for k in members}).items():
+                    if out in sources or tuple(tensor.shape) != tuple(disk.get(out, tensor).shape):
+                        raise ValueError(out)
+                    sources[out] = tuple(members)
+        except Exception as e:  # this grouping does not reproduce the whole-model conversion
+            log.debug("grouping failed at %s", e)
+            continue
+        if sources.keys() == disk.keys():
+            return sources
+    raise ValueError(f"{type(model).__name__}: its weight conversion cannot be applied per tensor or per layer")
+
+
+def _hub_naming(model: Any, disk: dict[str, torch.Tensor], tied: dict[str, str]) -> Naming:
+    from transformers.core_model_loading import revert_weight_conversion
+
+    def on_disk(name: str) -> str:
+        [out] = revert_weight_conversion(model, {name: torch.empty(0, device="meta")}).keys()
+        return out
+
+    tied_on_disk = {on_disk(copy): on_disk(source) for copy, source in tied.items()}
+    params = {k: TensorSpec.of(v) for k, v in disk.items()}
+    params.update({copy: params[source] for copy, source in tied_on_disk.items()})
+    return Naming(name=HUB, params=params, tied=tied_on_disk, sources={k: (k,) for k in disk})
