@@ -51,6 +51,27 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     return config
 
 
+# Model types of the architecture zoo: dense and mixture-of-experts decoders.
+ZOO = (
+    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "gpt_neox", "opt", "olmo2",
+    "starcoder2", "bloom", "gptj", "cohere", "granite", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+)
+_ZOO_SIZES = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, rotary_dim=4, vocab_size=VOCAB_SIZE, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+    pad_token_id=0,
+)
+_ZOO_MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=32)
+
+
+def zoo_config(model_type: str) -> Any:
+    """A tiny config of any zoo model type (unused keys are harmless extras)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **_ZOO_SIZES, **_ZOO_MOE)
+
+
 def save_tokenizer(folder: Path) -> None:
     """A byte-level BPE tokenizer trained on the fly (nothing downloaded)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -221,6 +242,53 @@ def _save(layout: str, model: Any, optimizer: Any, *, rank: int, world_size: int
         folder = out / "ranks"
         folder.mkdir(exist_ok=True)
         torch.save(model.state_dict(), folder / f"model_world_size_{world_size}_rank_{rank}.pt")
+
+
+def save_zoo(root: Path, model_types: Sequence[str] = ZOO, *, world_size: int = 2, seed: int = 0) -> Path:
+    """For each model type: ``root/TYPE/`` with ``base/`` (config), ``full.pth``, ``dcp/``, ``hub.pth``
+    (full state dict under the hub's on-disk names) and ``reference/`` (save_pretrained of the same
+    weights unsharded) with ``reference.pt`` (its logits)."""
+    for model_type in model_types:
+        zoo_config(model_type).save_pretrained(root / model_type / "base")
+    torch.multiprocessing.spawn(
+        _zoo_worker, args=(world_size, _free_port(), str(root), tuple(model_types), seed), nprocs=world_size
+    )
+    return root
+
+
+def _zoo_worker(rank: int, world_size: int, port: int, root: str, model_types: tuple[str, ...], seed: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from transformers.core_model_loading import revert_weight_conversion
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        for model_type in model_types:
+            out = Path(root) / model_type
+            model = _build(out / "base", seed)
+            layers = model.config.num_hidden_layers
+            for module in list(model.modules()):
+                if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+                    for block in module:
+                        fully_shard(block)
+            fully_shard(model)
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=out / "dcp")
+            if rank == 0:
+                torch.save(full, out / "full.pth")
+                plain = _build(out / "base", seed).eval()
+                plain.save_pretrained(out / "reference")
+                torch.save(revert_weight_conversion(plain, dict(plain.state_dict())), out / "hub.pth")
+                with torch.no_grad():
+                    logits = plain(input_ids=fixed_input()).logits
+                torch.save({"input_ids": fixed_input(), "logits": logits}, out / "reference.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

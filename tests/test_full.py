@@ -150,3 +150,26 @@ def test_base_without_tokenizer_warns_and_converts(gpt2: FsdpRun, tmp_path: Path
 def test_missing_base_model_says_how_to_fix_it(gpt2: FsdpRun, tmp_path: Path) -> None:
     [result] = convert(tmp_path, checkpoint=gpt2["bare"], base=Path("no-such-org/no-such-model"), out=tmp_path / "out")
     assert result.status == "failed" and "convert.base_model=" in result.error
+
+
+def test_tied_model_saved_without_its_head(gpt2: FsdpRun, tmp_path: Path) -> None:
+    sd = torch.load(gpt2["bare"], weights_only=True)
+    del sd["lm_head.weight"]
+    headless = tmp_path / "headless.pth"
+    torch.save(sd, headless)
+    [result] = convert(tmp_path, checkpoint=headless, base=gpt2.base, out=tmp_path / "out")
+    assert result.status == "ok", result.error
+    assert_matches_reference(tmp_path / "out" / "headless", gpt2.reference)
+
+
+def test_rotary_buffers_in_a_checkpoint_are_dropped(llama: FsdpRun, tmp_path: Path) -> None:
+    sd = torch.load(llama["bare"], weights_only=True)
+    sd["model.rotary_emb.inv_freq"] = torch.ones(4)
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # older transformers kept one per layer
+    with_buffers = tmp_path / "buffers.pth"
+    torch.save(sd, with_buffers)
+    [result] = convert(tmp_path, checkpoint=with_buffers, base=llama.base, out=tmp_path / "out")
+    assert result.status == "ok", result.error
+    with safe_open(tmp_path / "out" / "buffers" / "model.safetensors", "pt") as f:
+        assert not any("inv_freq" in k for k in f.keys())
+    assert_matches_reference(tmp_path / "out" / "buffers", llama.reference)
