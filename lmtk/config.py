@@ -28,6 +28,13 @@ class FinalFormat(str, Enum):
     huggingface = "huggingface"
 
 
+class NonFinite(str, Enum):
+    """What a NaN or Inf weight does: fail the checkpoint, or only warn."""
+
+    fail = "fail"
+    warn = "warn"
+
+
 @dataclass
 class ModelConfig:
     # A HuggingFace hub id or a local folder holding config.json (and tokenizer files).
@@ -50,8 +57,13 @@ class ConvertConfig:
     output_dir: str = "${paths.converted}"
     # A shard never exceeds this size unless one tensor does (huggingface_hub's rule).
     max_shard_size: str = "5GB"
-    # Reconvert even when a finished output folder of lmtk's is already in place.
+    # Reconvert even when a finished output of lmtk's matches the source (a changed source always is).
     overwrite: bool = False
+    # Also fingerprint the sources by sha256 (reads every byte once more), not only size and mtime.
+    checksum: bool = False
+    nonfinite: NonFinite = NonFinite.fail
+    # Types a weights-only load refuses but you trust, e.g. ["argparse.Namespace"]; never needed for weights.
+    allowed_globals: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -6,16 +6,19 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmtk import __version__
 from lmtk.base import BaseModel
-from lmtk.config import ConvertConfig, LmtkConfig
+from lmtk.config import ConvertConfig, LmtkConfig, NonFinite
 from lmtk.errors import ConversionError
-from lmtk.output import MARKER, staged_folder
+from lmtk.output import MARKER, existing_state, fingerprint, staged_folder
 from lmtk.plan import Plan, fetcher, make_plan
 from lmtk.readers import Reader, find_checkpoints, open_reader
 from lmtk.summary import Result, log_summary, write_summary
@@ -30,6 +33,7 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path) -> list[Result]:
     base = BaseModel(options.base_model)
     try:
         checkpoints = find_checkpoints(Path(options.checkpoint_path), layout=options.initial_format.value)
+        _refuse_output_inside(Path(options.checkpoint_path), Path(options.output_dir))
     except ConversionError as e:
         log.error("%s", e)
         results = [Result(checkpoint=options.checkpoint_path, status="failed", error=str(e))]
@@ -45,47 +49,94 @@ def output_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def _refuse_output_inside(checkpoint_path: Path, output_dir: Path) -> None:
+    if checkpoint_path.is_dir() and output_dir.resolve().is_relative_to(checkpoint_path.resolve()):
+        raise ConversionError(output_dir, f"convert.output_dir is inside the checkpoint directory {checkpoint_path}; "
+                              "choose a folder outside it")
+
+
+@dataclass
+class _Outcome:
+    status: str
+    bytes_written: int = 0
+
+
 def convert_checkpoint(path: Path, layout: str, *, base: BaseModel, options: ConvertConfig) -> Result:
     final = Path(options.output_dir).absolute() / output_name(path)
     started = time.perf_counter()
     log.info("converting %s (%s layout) -> %s", path, layout, final)
+    reader = None
     try:
-        reader = open_reader(path, layout)
-        try:
-            written = _convert(reader, base=base, final=final, options=options)
-        finally:
-            reader.close()
+        reader = open_reader(path, layout, allowed_globals=options.allowed_globals)
+        outcome = _convert(reader, base=base, final=final, options=options)
     except ConversionError as e:
         log.error("%s", e)
         return Result(checkpoint=str(path), status="failed", error=str(e), layout=layout)
+    except OSError as e:  # disk full, permissions, a file vanishing mid-run
+        error = ConversionError(e.filename or final, e.strerror or str(e))
+        log.error("%s", error)
+        return Result(checkpoint=str(path), status="failed", error=str(error), layout=layout)
     except Exception as e:  # a bug, not bad input: keep the batch going, keep the traceback in the log
         log.error("%s: unexpected %s: %s", path, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-        return Result(checkpoint=str(path), status="failed", error=f"{path}: {type(e).__name__}: {e}", layout=layout)
+        error = ConversionError(path, f"unexpected {type(e).__name__}: {e}")
+        return Result(checkpoint=str(path), status="failed", error=str(error), layout=layout)
+    finally:
+        if reader is not None:
+            reader.close()
     seconds = time.perf_counter() - started
-    log.info("done %s in %.1fs (%.1f MB)", final, seconds, written / 1e6)
+    if outcome.status == "skipped":
+        log.info("skipped %s: %s is already converted from this very source", path, final)
+    else:
+        log.info("done %s in %.1fs (%.1f MB)", final, seconds, outcome.bytes_written / 1e6)
     return Result(
-        checkpoint=str(path), status="ok", output=str(final), layout=layout,
-        seconds=round(seconds, 3), bytes_written=written, metadata=reader.info.metadata,
+        checkpoint=str(path), status=outcome.status, output=str(final), layout=layout,  # type: ignore[arg-type]
+        seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=reader.info.metadata,
     )
 
 
-def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertConfig) -> int:
+def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertConfig) -> _Outcome:
+    source = fingerprint(reader.info.files, options=_output_options(options), checksum=options.checksum)
+    state = existing_state(final, source)
+    if state == "foreign":
+        raise ConversionError(final, "exists and was not written by lmtk; move it away or choose another convert.output_dir")
+    if state == "same" and not options.overwrite:
+        return _Outcome("skipped")
+    if state == "stale":
+        log.info("%s was converted from another version of %s; converting again", final, reader.path)
+
     arch = base.architecture
     plan = make_plan(reader.path, reader.specs(), arch)
     _check_tied(reader, plan)
-    with staged_folder(final, overwrite=options.overwrite) as folder:
-        write_model_weights(
-            folder, plan.outputs, fetcher(reader, plan, arch),
-            max_shard_size=options.max_shard_size, label=final.name,
-        )
+    with staged_folder(final, replace=True) as folder:
+        fetch = _checked(fetcher(reader, plan, arch), reader.path, options.nonfinite)
+        write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name)
         config = copy.deepcopy(base.config)
         config.architectures = [arch.class_name]
         config.dtype = _main_dtype(plan)
         config.save_pretrained(folder)
         base.save_generation_config(folder)
         base.save_tokenizer(folder)
-        _write_marker(folder, reader, plan)
-    return sum(spec.nbytes for spec in plan.outputs.values())
+        _write_marker(folder, reader, plan, source)
+    return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()))
+
+
+def _output_options(options: ConvertConfig) -> dict[str, Any]:
+    """The settings that change what is written: a rerun with other values converts again."""
+    return {"base_model": options.base_model, "max_shard_size": options.max_shard_size, "lmtk": __version__}
+
+
+def _checked(fetch: Callable[[str], torch.Tensor], path: Path, policy: NonFinite) -> Callable[[str], torch.Tensor]:
+    def checked(name: str) -> torch.Tensor:
+        tensor = fetch(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            message = f"{name} has {bad} NaN/Inf values"
+            if policy is NonFinite.fail:
+                raise ConversionError(path, f"{message} (convert.nonfinite=warn converts anyway)")
+            log.warning("%s: %s", path, message)
+        return tensor
+
+    return checked
 
 
 def _check_tied(reader: Reader, plan: Plan) -> None:
@@ -106,13 +157,13 @@ def _main_dtype(plan: Plan) -> torch.dtype:
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
 
 
-def _write_marker(folder: Path, reader: Reader, plan: Plan) -> None:
+def _write_marker(folder: Path, reader: Reader, plan: Plan, source: dict[str, Any]) -> None:
     info = reader.info
     marker = {
         "lmtk_version": __version__,
         "source": str(reader.path.resolve()),
         "layout": info.layout,
-        "files": [{"path": str(p), "size": p.stat().st_size, "mtime": p.stat().st_mtime} for p in info.files],
+        "fingerprint": source,
         "location": info.location,
         "metadata": info.metadata,
         "naming": plan.naming.name,

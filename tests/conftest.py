@@ -7,7 +7,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,18 @@ from helpers import FsdpRun
 from lmtk.synthetic import LAYOUTS, make_base_folder, save_checkpoints
 
 
+def _checksums(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
-def fsdp(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., FsdpRun]:
-    """``fsdp("gpt2")`` or ``fsdp("llama", world_size=3)``: every layout of one real FSDP2 run."""
+def fsdp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., FsdpRun]]:
+    """``fsdp("gpt2")`` or ``fsdp("llama", world_size=3)``: every layout of one real FSDP2 run.
+
+    At the end of the session every checkpoint must still be byte for byte what FSDP wrote.
+    """
     runs: dict[tuple[str, int], FsdpRun] = {}
+    sums: dict[Path, dict[str, str]] = {}
 
     def get(family: str, world_size: int = 2) -> FsdpRun:
         key = (family, world_size)
@@ -31,9 +40,12 @@ def fsdp(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., FsdpRun]:
                 base, root / "checkpoints", reference=root / "reference.pt", world_size=world_size, layouts=layouts
             )
             runs[key] = FsdpRun(base=base, checkpoints=checkpoints, reference=root / "reference.pt")
+            sums[checkpoints] = _checksums(checkpoints)
         return runs[key]
 
-    return get
+    yield get
+    for folder, before in sums.items():
+        assert _checksums(folder) == before, f"an input under {folder} changed"
 
 
 @pytest.fixture

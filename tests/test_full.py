@@ -117,16 +117,6 @@ def test_a_directory_converts_each_file_and_survives_a_bad_one(gpt2: FsdpRun, tm
     assert summary[1]["output"] == str(tmp_path / "out" / "bare") and summary[1]["error"] is None
 
 
-def test_rerun_refuses_to_overwrite_then_overwrites_when_asked(gpt2: FsdpRun, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    convert(tmp_path, checkpoint=gpt2["bare"], base=gpt2.base, out=out)
-    [again] = convert(tmp_path, checkpoint=gpt2["bare"], base=gpt2.base, out=out)
-    assert again.status == "failed" and "convert.overwrite=true" in again.error
-    [forced] = convert(tmp_path, checkpoint=gpt2["bare"], base=gpt2.base, out=out, overrides=("convert.overwrite=true",))
-    assert forced.status == "ok"
-    assert_matches_reference(out / "bare", gpt2.reference)
-
-
 def test_a_folder_lmtk_did_not_write_is_never_replaced(gpt2: FsdpRun, tmp_path: Path) -> None:
     foreign = tmp_path / "out" / "bare"
     foreign.mkdir(parents=True)

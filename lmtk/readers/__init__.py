@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from lmtk.errors import ConversionError
@@ -64,6 +65,6 @@ def _layout_of(path: Path, pinned: str | None, *, top: bool) -> str | None:
     return found
 
 
-def open_reader(path: Path, layout: str) -> Reader:
+def open_reader(path: Path, layout: str, *, allowed_globals: Sequence[str] = ()) -> Reader:
     readers = {"full": FullStateDictReader, "dcp": DcpReader, "ranks": RankShardReader}
-    return readers[layout](path)
+    return readers[layout](path, allowed_globals=allowed_globals)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,8 @@ def model_entries(names: list[str]) -> tuple[dict[str, str], str]:
 
 
 class DcpReader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, allowed_globals: Sequence[str] = ()) -> None:
+        del allowed_globals  # tensor chunks hold tensors only; other entries are never unpickled
         self.path = path
         metadata = read_metadata(path)
         tensors = {

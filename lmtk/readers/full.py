@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,31 +38,59 @@ def sniff(path: Path) -> str:
     return "not a PyTorch checkpoint (unrecognised file header)"
 
 
-def safe_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` always, memory-mapped when the format allows."""
+def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
+    """``torch.load`` with ``weights_only=True`` always, memory-mapped when the format allows.
+
+    ``allowed_globals`` names extra types the user trusts (``convert.allowed_globals``).
+    """
     if reason := sniff(path):
         raise ConversionError(path, reason)
     zipped = open(path, "rb").read(4) == _ZIP_MAGIC
+    if zipped and not zipfile.is_zipfile(path):
+        raise ConversionError(path, "truncated or corrupt file (its zip directory is missing)")
     if zipped:
         try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception as e:  # a broken zip: torch.load below names it better
             log.debug("%s: could not list globals: %s", path, e)
-            unsafe = []
-        if unsafe:
+            unsafe = set()
+        refused = sorted(unsafe - set(allowed_globals))
+        if refused:
             raise ConversionError(
-                path, f"holds Python objects that a weights-only load refuses: {', '.join(sorted(unsafe))}"
+                path,
+                f"holds Python objects that a weights-only load refuses: {', '.join(refused)} "
+                "(if you trust this file, name them in convert.allowed_globals)",
             )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with torch.serialization.safe_globals([resolve_global(name) for name in allowed_globals]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except ConversionError:
+        raise
     except Exception as e:
         raise ConversionError(path, _load_failure(e)) from e
 
 
+def resolve_global(name: str) -> Any:
+    """``"argparse.Namespace"`` -> the class, for torch's allow-list."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ConversionError("convert.allowed_globals", f"cannot import {name!r}")
+
+
 def _load_failure(e: Exception) -> str:
     text = str(e)
-    if isinstance(e, EOFError) or "central directory" in text or "unexpected EOF" in text.lower():
-        return "truncated or corrupt file (torch.load could not read it to the end)"
+    if isinstance(e, (EOFError, OSError)) or "central directory" in text or "unexpected EOF" in text.lower():
+        return f"truncated or corrupt file ({type(e).__name__} while reading it)"
     # torch's text advises weights_only=False; never pass that on.
     first = text.split("\n")[0].split(". ")[0]
     return f"torch.load failed: {type(e).__name__}: {first}"
@@ -92,9 +122,9 @@ def find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str,
 class FullStateDictReader:
     """Tensors stay memory-mapped: reading one touches only its pages."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, allowed_globals: Sequence[str] = ()) -> None:
         self.path = path
-        tensors, location, metadata = find_state_dict(safe_load(path), path)
+        tensors, location, metadata = find_state_dict(safe_load(path, allowed_globals=allowed_globals), path)
         for name, t in tensors.items():
             if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
                 raise ConversionError(

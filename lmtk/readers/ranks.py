@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def rank_files(path: Path) -> tuple[list[Path], int]:
 
 
 class RankShardReader:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, allowed_globals: Sequence[str] = ()) -> None:
         import torch.distributed.tensor  # noqa: F401  registers DTensor's types with the weights-only loader
 
         self.path = path
@@ -60,7 +61,7 @@ class RankShardReader:
         level, mesh_log.level = mesh_log.level, logging.ERROR
         try:
             for file in files:
-                tensors, location, metadata = find_state_dict(safe_load(file), file)
+                tensors, location, metadata = find_state_dict(safe_load(file, allowed_globals=allowed_globals), file)
                 self._ranks.append(tensors)
         finally:
             mesh_log.setLevel(level)
