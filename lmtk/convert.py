@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from lmtk.output import MARKER, existing_state, fingerprint, staged_folder
 from lmtk.plan import Plan, fetcher, make_plan
 from lmtk.readers import Reader, find_checkpoints, open_reader
 from lmtk.summary import Result, log_summary, write_summary
-from lmtk.writer import write_model_weights
+from lmtk.writer import Fetch, write_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +124,26 @@ def _output_options(options: ConvertConfig) -> dict[str, Any]:
     return {"base_model": options.base_model, "max_shard_size": options.max_shard_size, "lmtk": __version__}
 
 
-def _checked(fetch: Callable[[str], torch.Tensor], path: Path, policy: NonFinite) -> Callable[[str], torch.Tensor]:
-    def checked(name: str) -> torch.Tensor:
-        tensor = fetch(name)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+def _checked(fetch: Fetch, path: Path, policy: NonFinite) -> Fetch:
+    def checked(name: str) -> list[torch.Tensor]:
+        pieces = fetch(name)
+        bad = sum(_count_nonfinite(piece) for piece in pieces)
+        if bad:
             message = f"{name} has {bad} NaN/Inf values"
             if policy is NonFinite.fail:
                 raise ConversionError(path, f"{message} (convert.nonfinite=warn converts anyway)")
             log.warning("%s: %s", path, message)
-        return tensor
+        return pieces
 
     return checked
+
+
+def _count_nonfinite(tensor: torch.Tensor, *, block: int = 1 << 22) -> int:
+    # In blocks, so the check allocates a few MB whatever the tensor's size.
+    if not tensor.is_floating_point():
+        return 0
+    flat = tensor.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + block])).sum()) for i in range(0, flat.numel(), block))
 
 
 def _check_tied(reader: Reader, plan: Plan) -> None:

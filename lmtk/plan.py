@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lmtk import keys
-from lmtk.architecture import Architecture, Naming
+from lmtk.architecture import HUB, Architecture, Naming
 from lmtk.errors import ConversionError, listing
 from lmtk.readers.base import Reader, TensorSpec
 
@@ -103,14 +103,17 @@ def _refuse_flat_params(path: Path, specs: dict[str, TensorSpec]) -> None:
         )
 
 
-def fetcher(reader: Reader, plan: Plan, arch: Architecture) -> Callable[[str], torch.Tensor]:
-    """On-disk name -> tensor, converting each group once and keeping its results only until written."""
+def fetcher(reader: Reader, plan: Plan, arch: Architecture) -> Callable[[str], list[torch.Tensor]]:
+    """On-disk name -> its bytes as pieces; a converted group is converted once and kept only until written."""
     ready: dict[str, torch.Tensor] = {}
 
-    def fetch(out: str) -> torch.Tensor:
+    def fetch(out: str) -> list[torch.Tensor]:
+        sources = plan.sources[out]
+        if not arch.converts or plan.naming.name == HUB:
+            return reader.read_pieces(sources[0][1])  # stored as written: stream it
         if out not in ready:
-            group = {name: reader.read(key) for name, key in plan.sources[out]}
+            group = {name: reader.read(key) for name, key in sources}
             ready.update(arch.to_disk(plan.naming, group))
-        return ready.pop(out)
+        return [ready.pop(out)]
 
     return fetch

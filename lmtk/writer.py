@@ -51,10 +51,14 @@ def plan_shards(specs: dict[str, TensorSpec], *, max_shard_size: str | int) -> d
     return split.filename_to_tensors
 
 
+# Name -> the tensor's bytes as pieces, in order (one piece, or a shard per rank).
+Fetch = Callable[[str], list[torch.Tensor]]
+
+
 def write_model_weights(
     folder: Path,
     specs: dict[str, TensorSpec],
-    fetch: Callable[[str], torch.Tensor],
+    fetch: Fetch,
     *,
     max_shard_size: str | int,
     label: str,
@@ -79,7 +83,7 @@ def write_model_weights(
 def write_safetensors(
     path: Path,
     specs: dict[str, TensorSpec],
-    fetch: Callable[[str], torch.Tensor],
+    fetch: Fetch,
     *,
     on_tensor: Callable[[int], object] = lambda n: None,
 ) -> None:
@@ -94,10 +98,13 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, spec in specs.items():
-            tensor = fetch(name)
-            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise ValueError(f"{name}: got {tensor.dtype}{list(tensor.shape)}, planned {spec.dtype}{list(spec.shape)}")
-            f.write(_bytes_of(tensor))
+            written = 0
+            for piece in fetch(name):
+                if piece.dtype != spec.dtype:
+                    raise ValueError(f"{name}: got {piece.dtype}, planned {spec.dtype}")
+                written += f.write(_bytes_of(piece))
+            if written != spec.nbytes:
+                raise ValueError(f"{name}: got {written} bytes, planned {spec.nbytes} for {list(spec.shape)}")
             on_tensor(1)
         f.flush()
         os.fsync(f.fileno())

@@ -13,9 +13,10 @@ import logging
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+from torch import _weights_only_unpickler
 
 from lmtk.errors import ConversionError, listing
 from lmtk.readers.base import SourceInfo, TensorSpec
@@ -95,6 +96,7 @@ class DcpReader:
         skipped = len(metadata.state_dict_metadata) - len(self._names)
         log.info("%s: %d model tensors under %r; %d other entries skipped", path, len(self._names), root, skipped)
         self._by_model_name = {m: fqn for fqn, m in self._names.items()}
+        self._mapped: dict[Path, torch.UntypedStorage] = {}
         self.info = SourceInfo(layout="dcp", files=[path / METADATA, *files], location=root)
 
     def _check_files(self, storage_data: dict[Any, Any]) -> list[Path]:
@@ -116,30 +118,83 @@ class DcpReader:
                 for fqn, m in self._names.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        fqn = self._by_model_name[name]
-        md = self._tensors[fqn]
+        md = self._tensors[self._by_model_name[name]]
         full = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        for index, info in self._storage[fqn]:
-            chunk = self._load_chunk(info, fqn)
+        for offset, chunk in self._chunks(name):
             region = full
-            for dim, (start, length) in enumerate(zip(index.offset, chunk.shape)):
+            for dim, (start, length) in enumerate(zip(offset, chunk.shape)):
                 region = region.narrow(dim, start, length)
             region.copy_(chunk)
         return full
 
+    def read_pieces(self, name: str) -> list[torch.Tensor]:
+        """The tensor as pieces whose bytes, in order, are the whole tensor's: no copy for row shards."""
+        size = tuple(self._tensors[self._by_model_name[name]].size)
+        chunks = sorted(self._chunks(name), key=lambda c: c[0])
+        rows = 0
+        for offset, chunk in chunks:
+            if len(size) == 0 or offset[0] != rows or tuple(offset[1:]) != (0,) * (len(size) - 1) \
+                    or tuple(chunk.shape[1:]) != size[1:]:
+                return [self.read(name)]
+            rows += chunk.shape[0]
+        return [chunk.contiguous() for _, chunk in chunks]
+
+    def _chunks(self, name: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        fqn = self._by_model_name[name]
+        return [(tuple(index.offset), self._load_chunk(info, fqn)) for index, info in self._storage[fqn]]
+
     def _load_chunk(self, info: Any, fqn: str) -> torch.Tensor:
+        """One chunk, memory-mapped: each is a ``torch.save`` archive inside the .distcp file."""
+        file = self.path / info.relative_path
         if getattr(info, "transform_descriptors", None):
-            raise ConversionError(self.path, f"{fqn} is stored with transforms {info.transform_descriptors}; not supported")
-        with open(self.path / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
+            raise ConversionError(file, f"{fqn} is stored with transforms {info.transform_descriptors}; not supported")
+        if file not in self._mapped:
+            self._mapped[file] = torch.UntypedStorage.from_file(str(file), False, file.stat().st_size)
+        window = self._mapped[file][info.offset : info.offset + info.length]
         try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            with open(file, "rb") as f:
+                archive = torch._C.PyTorchFileReader(_FileSlice(f, info.offset, info.length))
+                # torch.load(mmap=True) does exactly this for a whole file; here the archive is a slice.
+                tensor = torch.serialization._load(
+                    archive, "cpu", _weights_only_unpickler, overall_storage=window, encoding="utf-8"
+                )
         except Exception as e:
-            raise ConversionError(self.path / info.relative_path, f"corrupt chunk of {fqn} ({type(e).__name__})") from e
+            raise ConversionError(file, f"corrupt chunk of {fqn} ({type(e).__name__})") from e
+        if not isinstance(tensor, torch.Tensor):
+            raise ConversionError(file, f"the chunk of {fqn} holds a {type(tensor).__name__}, not a tensor")
+        return tensor
 
     def close(self) -> None:
         self._storage = {}
+        self._mapped = {}
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only window of an open file, so torch's zip reader sees one chunk's archive."""
+
+    def __init__(self, file: BinaryIO, start: int, length: int) -> None:
+        self._file, self._start, self._length, self._pos = file, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + pos, 0), self._length)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: max(self._length - self._pos, 0)]
+        self._file.seek(self._start + self._pos)
+        n = self._file.readinto(view) or 0
+        self._pos += n
+        return n
 
 
 def _storage_by_fqn(storage_data: dict[Any, Any], tensors: dict[str, Any]) -> dict[str, list[tuple[Any, Any]]]:

@@ -141,5 +141,8 @@ class FullStateDictReader:
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+    def read_pieces(self, name: str) -> list[torch.Tensor]:
+        return [self._tensors[name]]
+
     def close(self) -> None:
         self._tensors = {}

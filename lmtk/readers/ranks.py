@@ -103,6 +103,17 @@ class RankShardReader:
             region.copy_(dtensor._local_tensor)
         return full
 
+    def read_pieces(self, name: str) -> list[torch.Tensor]:
+        """Row shards (``Shard(0)`` over one mesh dim) stream as the ranks' own memory-mapped pieces."""
+        first = self._ranks[0][name]
+        placements = getattr(first, "placements", None)
+        if placements is None:
+            return [first]
+        if len(placements) != 1 or not placements[0].is_shard(0) or type(placements[0]).__name__ != "Shard":
+            return [self.read(name)]
+        order = sorted(range(self.world), key=lambda r: _offsets(self._ranks[r][name], r).get(0, 0))
+        return [self._ranks[r][name]._local_tensor.contiguous() for r in order]
+
     def close(self) -> None:
         self._ranks = []
 
