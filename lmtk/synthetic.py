@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 # What one run can save; see ``_save`` for what each one is.
-LAYOUTS = ("bare", "wrapped", "prefixed", "ddp", "dcp", "ranks")
+LAYOUTS = ("bare", "wrapped", "prefixed", "ddp", "dcp", "ranks", "pytorch_model_fsdp_0")
 FAMILIES = ("gpt2", "llama")
 VOCAB_SIZE = 512
 CORPUS = (
@@ -109,10 +109,12 @@ def save_checkpoints(
     world_size: int = 2,
     layouts: Sequence[str] = LAYOUTS,
     seed: int = 0,
+    train: bool = True,
 ) -> Path:
     """Run FSDP2 on ``world_size`` CPU processes and save the chosen layouts under ``out_dir``.
 
-    ``reference`` receives ``{"input_ids", "logits"}`` from the sharded model after its step.
+    ``reference`` receives ``{"input_ids", "logits"}`` from the sharded model after its step
+    (``train=False`` skips the step, and the optimizer state with it: for large benchmark models).
     """
     unknown = set(layouts) - set(LAYOUTS)
     if unknown:
@@ -121,7 +123,7 @@ def save_checkpoints(
     port = _free_port()
     torch.multiprocessing.spawn(
         _worker,
-        args=(world_size, port, str(base_folder), str(out_dir), str(reference), tuple(layouts), seed),
+        args=(world_size, port, str(base_folder), str(out_dir), str(reference), tuple(layouts), seed, train),
         nprocs=world_size,
     )
     return out_dir
@@ -134,7 +136,8 @@ def _free_port() -> int:
 
 
 def _worker(
-    rank: int, world_size: int, port: int, base: str, out: str, reference: str, layouts: tuple[str, ...], seed: int
+    rank: int, world_size: int, port: int, base: str, out: str, reference: str, layouts: tuple[str, ...], seed: int,
+    train: bool,
 ) -> None:
     import torch.distributed as dist
 
@@ -142,7 +145,7 @@ def _worker(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        _train_and_save(rank, world_size, Path(base), Path(out), Path(reference), layouts, seed)
+        _train_and_save(rank, world_size, Path(base), Path(out), Path(reference), layouts, seed, train)
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -156,7 +159,8 @@ def _build(base: Path, seed: int) -> torch.nn.Module:
 
 
 def _train_and_save(
-    rank: int, world_size: int, base: Path, out: Path, reference: Path, layouts: tuple[str, ...], seed: int
+    rank: int, world_size: int, base: Path, out: Path, reference: Path, layouts: tuple[str, ...], seed: int,
+    train: bool,
 ) -> None:
     import torch.distributed as dist
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -172,10 +176,11 @@ def _train_and_save(
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = fixed_input()
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    if train:
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -238,6 +243,8 @@ def _save(layout: str, model: Any, optimizer: Any, *, rank: int, world_size: int
             "step": 1200,
         }
         dcp.save(state, checkpoint_id=out / "dcp")
+    elif layout == "pytorch_model_fsdp_0":  # Accelerate's SHARDED_STATE_DICT save: the model alone
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=out / layout)
     elif layout == "ranks":  # one torch.save per rank of DTensor shards, as verl writes them
         folder = out / "ranks"
         folder.mkdir(exist_ok=True)

@@ -26,10 +26,8 @@ def test_sharded_layouts_convert_exactly(
     assert_matches_reference(tmp_path / "out" / layout, run.reference)
 
 
-def test_accelerate_dcp_folder_name_is_the_output_name(gpt2: FsdpRun, tmp_path: Path) -> None:
-    folder = tmp_path / "pytorch_model_fsdp_0"
-    shutil.copytree(gpt2["dcp"], folder)
-    [result] = convert(tmp_path, checkpoint=folder, base=gpt2.base, out=tmp_path / "out")
+def test_accelerate_sharded_save_converts(gpt2: FsdpRun, tmp_path: Path) -> None:
+    [result] = convert(tmp_path, checkpoint=gpt2["pytorch_model_fsdp_0"], base=gpt2.base, out=tmp_path / "out")
     assert result.status == "ok"
     assert_matches_reference(tmp_path / "out" / "pytorch_model_fsdp_0", gpt2.reference)
 
@@ -54,7 +52,7 @@ def test_a_mixed_directory_converts_checkpoints_and_skips_the_rest(gpt2: FsdpRun
 def test_initial_format_pins_one_layout(gpt2: FsdpRun, tmp_path: Path) -> None:
     results = convert(tmp_path, checkpoint=gpt2.checkpoints, base=gpt2.base, out=tmp_path / "out",
                       overrides=("convert.initial_format=dcp",))
-    assert [(Path(r.checkpoint).name, r.status) for r in results] == [("dcp", "ok")]
+    assert [(Path(r.checkpoint).name, r.status) for r in results] == [("dcp", "ok"), ("pytorch_model_fsdp_0", "ok")]
 
 
 def _broken_copy(run: FsdpRun, layout: str, tmp_path: Path) -> Path:
