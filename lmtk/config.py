@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Optional
 
 from importlib.resources import files
 
@@ -26,6 +27,15 @@ class InitialFormat(str, Enum):
 
 class FinalFormat(str, Enum):
     huggingface = "huggingface"
+
+
+class DType(str, Enum):
+    """``auto`` takes the base config's dtype; leaving ``convert.dtype`` null keeps the checkpoint's."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    auto = "auto"
 
 
 class NonFinite(str, Enum):
@@ -62,6 +72,12 @@ class ConvertConfig:
     # Also fingerprint the sources by sha256 (reads every byte once more), not only size and mtime.
     checksum: bool = False
     nonfinite: NonFinite = NonFinite.fail
+    # Cast floating-point weights while streaming; null keeps what the checkpoint holds.
+    dtype: Optional[DType] = None
+    # Load the written folder with from_pretrained and compare logits with the source (float32, CPU).
+    verify: bool = False
+    # Verify needs the model twice in RAM; larger models skip it (recorded in the summary).
+    verify_max_params: int = 3_000_000_000
     # Types a weights-only load refuses but you trust, e.g. ["argparse.Namespace"]; never needed for weights.
     allowed_globals: list[str] = field(default_factory=list)
 

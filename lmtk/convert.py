@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
+import math
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lmtk import __version__
+from lmtk.architecture import Architecture
 from lmtk.base import BaseModel
-from lmtk.config import ConvertConfig, LmtkConfig, NonFinite
+from lmtk.card import provenance, write_provenance
+from lmtk.config import ConvertConfig, DType, LmtkConfig
 from lmtk.errors import ConversionError
-from lmtk.output import MARKER, existing_state, fingerprint, staged_folder
+from lmtk.output import existing_state, fingerprint, staged_folder
 from lmtk.plan import Plan, fetcher, make_plan
-from lmtk.readers import Reader, find_checkpoints, open_reader
+from lmtk.readers import Reader, TensorSpec, find_checkpoints, open_reader
+from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
-from lmtk.writer import Fetch, write_model_weights
+from lmtk.verify import reference_logits, verify_folder
+from lmtk.writer import write_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def _refuse_output_inside(checkpoint_path: Path, output_dir: Path) -> None:
 class _Outcome:
     status: str
     bytes_written: int = 0
+    verify: dict[str, Any] | None = None
 
 
 def convert_checkpoint(path: Path, layout: str, *, base: BaseModel, options: ConvertConfig) -> Result:
@@ -91,6 +94,7 @@ def convert_checkpoint(path: Path, layout: str, *, base: BaseModel, options: Con
     return Result(
         checkpoint=str(path), status=outcome.status, output=str(final), layout=layout,  # type: ignore[arg-type]
         seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=reader.info.metadata,
+        verify=outcome.verify,
     )
 
 
@@ -107,8 +111,11 @@ def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertCo
     arch = base.architecture
     plan = make_plan(reader.path, reader.specs(), arch)
     _check_tied(reader, plan)
+    dtype = _target_dtype(options.dtype, base.config)
+    if dtype is not None:
+        plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
     with staged_folder(final, replace=True) as folder:
-        fetch = _checked(fetcher(reader, plan, arch), reader.path, options.nonfinite)
+        fetch = streamed(fetcher(reader, plan, arch), path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
         write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name)
         config = copy.deepcopy(base.config)
         config.architectures = [arch.class_name]
@@ -116,81 +123,47 @@ def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertCo
         config.save_pretrained(folder)
         base.save_generation_config(folder)
         base.save_tokenizer(folder)
-        _write_marker(folder, reader, plan, source)
-    return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()))
+        verified = _verify(folder, reader, plan, arch, base=base, options=options) if options.verify else None
+        record = provenance(reader, plan, fingerprint=source, dtype=str(config.dtype).removeprefix("torch."),
+                            base_model=options.base_model, verify=verified)
+        write_provenance(folder, record, architecture=arch.class_name)
+    return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified)
 
 
 def _output_options(options: ConvertConfig) -> dict[str, Any]:
     """The settings that change what is written: a rerun with other values converts again."""
-    return {"base_model": options.base_model, "max_shard_size": options.max_shard_size, "lmtk": __version__}
+    return {"base_model": options.base_model, "max_shard_size": options.max_shard_size, "lmtk": __version__,
+            "dtype": options.dtype.value if options.dtype else None}
 
 
-def _checked(fetch: Fetch, path: Path, policy: NonFinite) -> Fetch:
-    def checked(name: str) -> list[torch.Tensor]:
-        pieces = fetch(name)
-        bad = sum(_count_nonfinite(piece) for piece in pieces)
-        if bad:
-            message = f"{name} has {bad} NaN/Inf values"
-            if policy is NonFinite.fail:
-                raise ConversionError(path, f"{message} (convert.nonfinite=warn converts anyway)")
-            log.warning("%s: %s", path, message)
-        return pieces
-
-    return checked
+def _target_dtype(choice: DType | None, config: Any) -> torch.dtype | None:
+    if choice is None:
+        return None
+    if choice is DType.auto:
+        dtype = getattr(config, "dtype", None)
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return getattr(torch, choice.value)
 
 
-# NaN and Inf are the values whose exponent bits are all ones; numpy checks those bits ~20x faster
-# than torch.isfinite on CPU, for bfloat16 too.
-_EXPONENT_BITS = {
-    torch.float64: (torch.int64, 0x7FF0000000000000),
-    torch.float32: (torch.int32, 0x7F800000),
-    torch.float16: (torch.int16, 0x7C00),
-    torch.bfloat16: (torch.int16, 0x7F80),
-}
-
-
-def _count_nonfinite(tensor: torch.Tensor, *, block: int = 1 << 22) -> int:
-    if tensor.dtype not in _EXPONENT_BITS:
-        return 0
-    int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
-    bits = tensor.detach().contiguous().reshape(-1).view(int_dtype).numpy()
-    # In blocks, so the check allocates a few MB whatever the tensor's size.
-    return sum(int(np.count_nonzero((bits[i : i + block] & mask) == mask)) for i in range(0, bits.size, block))
+def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, *, base: BaseModel,
+            options: ConvertConfig) -> dict[str, Any]:
+    params = sum(math.prod(spec.shape) for spec in plan.outputs.values())
+    reference = reference_logits(base.config, reader, plan, arch) if params <= options.verify_max_params else None
+    result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params)
+    if result["passed"] is False:
+        raise ConversionError(reader.path, f"verify failed: the written model's logits differ from the source by "
+                              f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g})")
+    return result
 
 
 def _check_tied(reader: Reader, plan: Plan) -> None:
     for copy_name, source_name in plan.tied_checks:
-        if not _equal(reader.read_pieces(copy_name), reader.read_pieces(source_name)):
+        if not equal(reader.read_pieces(copy_name), reader.read_pieces(source_name)):
             raise ConversionError(
                 reader.path,
                 f"{copy_name} differs from {source_name}, but the config ties them (tie_word_embeddings); "
                 f"use a base config with tie_word_embeddings=false",
             )
-
-
-def _equal(a: list[torch.Tensor], b: list[torch.Tensor], *, block: int = 1 << 24) -> bool:
-    """Byte equality of two tensors given as pieces, walking both without joining them."""
-    if {t.dtype for t in a} != {t.dtype for t in b}:
-        return False
-    left = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in a] or [np.empty(0, np.uint8)]
-    right = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in b] or [np.empty(0, np.uint8)]
-    if sum(map(len, left)) != sum(map(len, right)):
-        return False
-    i = j = 0
-    x, y = left[0], right[0]
-    while True:
-        while not len(x) and i + 1 < len(left):
-            i += 1
-            x = left[i]
-        while not len(y) and j + 1 < len(right):
-            j += 1
-            y = right[j]
-        n = min(len(x), len(y), block)
-        if n == 0:
-            return True
-        if not np.array_equal(x[:n], y[:n]):
-            return False
-        x, y = x[n:], y[n:]
 
 
 def _main_dtype(plan: Plan) -> torch.dtype:
@@ -199,20 +172,3 @@ def _main_dtype(plan: Plan) -> torch.dtype:
         if spec.dtype.is_floating_point:
             by_dtype[spec.dtype] = by_dtype.get(spec.dtype, 0) + spec.nbytes
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
-
-
-def _write_marker(folder: Path, reader: Reader, plan: Plan, source: dict[str, Any]) -> None:
-    info = reader.info
-    marker = {
-        "lmtk_version": __version__,
-        "source": str(reader.path.resolve()),
-        "layout": info.layout,
-        "fingerprint": source,
-        "location": info.location,
-        "metadata": info.metadata,
-        "naming": plan.naming.name,
-        "renamed": plan.renamed,
-        "dropped": plan.dropped,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    (folder / MARKER).write_text(json.dumps(marker, indent=2, default=str) + "\n")

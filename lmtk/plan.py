@@ -24,6 +24,8 @@ class Plan:
     outputs: dict[str, TensorSpec]
     # On-disk name -> (name in the naming, checkpoint key) of each tensor it is converted from.
     sources: dict[str, tuple[tuple[str, str], ...]]
+    # Name in the naming -> checkpoint key, for every tensor matched (tied copies included).
+    matched: dict[str, str] = field(default_factory=dict)
     # Checkpoint keys renamed (old -> new), and keys dropped on purpose, for the log and provenance.
     renamed: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
@@ -58,8 +60,8 @@ def make_plan(path: Path, specs: dict[str, TensorSpec], arch: Architecture) -> P
         log.info("%s: dropping %s (tied copies, buffers)", path, listing(dropped))
     sources = {out: tuple((n, by_name[n]) for n in names) for out, names in naming.sources.items()}
     outputs = {out: TensorSpec(spec.shape, specs[sources[out][0][1]].dtype) for out, spec in arch.disk.items()}
-    return Plan(naming=naming, outputs=outputs, sources=sources, renamed=best.renamed, dropped=dropped,
-                tied_checks=tied_checks)
+    return Plan(naming=naming, outputs=outputs, sources=sources, matched=by_name, renamed=best.renamed,
+                dropped=dropped, tied_checks=tied_checks)
 
 
 def _match(specs: dict[str, TensorSpec], naming: Naming, arch: Architecture) -> _Match:

@@ -24,6 +24,8 @@ class Result:
     seconds: float = 0.0
     bytes_written: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    # convert.verify's outcome: passed, max_abs_diff, tolerance, ... (None when not run).
+    verify: dict[str, Any] | None = None
 
 
 def write_summary(path: Path, results: list[Result]) -> None:

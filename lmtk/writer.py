@@ -12,7 +12,7 @@ import logging
 import os
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -51,8 +51,8 @@ def plan_shards(specs: dict[str, TensorSpec], *, max_shard_size: str | int) -> d
     return split.filename_to_tensors
 
 
-# Name -> the tensor's bytes as pieces, in order (one piece, or a shard per rank).
-Fetch = Callable[[str], list[torch.Tensor]]
+# Name -> the tensor's bytes as pieces, in order (one piece, a shard per rank, or blocks).
+Fetch = Callable[[str], Iterable[torch.Tensor]]
 
 
 def write_model_weights(

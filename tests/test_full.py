@@ -25,7 +25,7 @@ def test_output_folder_is_complete(gpt2: FsdpRun, tmp_path: Path) -> None:
     convert(tmp_path, checkpoint=gpt2["wrapped"], base=gpt2.base, out=tmp_path / "out")
     folder = tmp_path / "out" / "wrapped"
     assert tree(folder) == sorted([
-        "config.json", "conversion.json", "generation_config.json", "model.safetensors",
+        "README.md", "config.json", "conversion.json", "generation_config.json", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json",
     ])
     config = json.loads((folder / "config.json").read_text())

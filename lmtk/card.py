@@ -1,0 +1,87 @@
+"""Provenance in every output folder: ``conversion.json`` (also the completion marker) and a model card."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lmtk import __version__
+from lmtk.output import MARKER
+from lmtk.plan import Plan
+from lmtk.readers.base import Reader
+
+
+def provenance(reader: Reader, plan: Plan, *, fingerprint: dict[str, Any], dtype: str, base_model: str,
+               verify: dict[str, Any] | None) -> dict[str, Any]:
+    info = reader.info
+    return {
+        "lmtk_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": str(reader.path.resolve()),
+        "layout": info.layout,
+        "files": [{k: v for k, v in f.items() if k != "mtime_ns"} for f in fingerprint["files"]],
+        "location": info.location,
+        "metadata": info.metadata,
+        "base_model": base_model,
+        "dtype": dtype,
+        "naming": plan.naming.name,
+        "renamed": plan.renamed,
+        "dropped": plan.dropped,
+        "verify": verify,
+        "fingerprint": fingerprint,
+    }
+
+
+def write_provenance(folder: Path, record: dict[str, Any], *, architecture: str) -> None:
+    """The model card first, ``conversion.json`` last: its presence means the folder is finished."""
+    (folder / "README.md").write_text(model_card(record, architecture=architecture))
+    (folder / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def model_card(record: dict[str, Any], *, architecture: str) -> str:
+    from huggingface_hub import ModelCardData
+
+    base = record["base_model"]
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["lmtk", "fsdp"],
+        base_model=base if not Path(base).exists() else None,
+    )
+    meta = record["metadata"]
+    trained = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "step", "global_step") if k in meta) or "not recorded"
+    verify = record["verify"]
+    checked = ("not run" if not verify else
+               f"skipped ({verify['skipped']})" if verify.get("skipped") else
+               f"{'passed' if verify['passed'] else 'FAILED'}: max |logit diff| {verify['max_abs_diff']:.3g} "
+               f"against the source in float32 (tolerance {verify['tolerance']:.3g})")
+    name = Path(record["source"]).name
+    return f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+A `{architecture}` converted by lmtk {record['lmtk_version']} from an FSDP training checkpoint.
+
+| | |
+| --- | --- |
+| source | `{record['source']}` ({record['layout']} layout) |
+| training progress | {trained} |
+| base model (config, tokenizer) | `{base}` |
+| weights | {record['dtype']}, safetensors, names as `save_pretrained` writes them |
+| logits check | {checked} |
+| converted | {record['created']} |
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+`conversion.json` lists the source files, the keys renamed and dropped, and the fingerprint that lets
+a rerun skip this folder.
+"""

@@ -1,0 +1,88 @@
+"""The tensors on their way to disk: cast, checked for NaN/Inf, in blocks so memory stays flat."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmtk.config import NonFinite
+from lmtk.errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 22  # elements per block: 16 MB of float32
+
+# NaN and Inf are the values whose exponent bits are all ones; numpy checks those bits ~20x faster
+# than torch.isfinite on CPU, for bfloat16 too.
+_EXPONENT_BITS = {
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+}
+
+
+def streamed(
+    fetch: Callable[[str], Iterable[torch.Tensor]], *, path: Path, dtype: torch.dtype | None, nonfinite: NonFinite
+) -> Callable[[str], Iterator[torch.Tensor]]:
+    """Wrap a fetch: cast floating-point pieces to ``dtype`` block by block and count NaN/Inf after the cast."""
+
+    def stream(name: str) -> Iterator[torch.Tensor]:
+        bad = 0
+        for piece in fetch(name):
+            cast = dtype is not None and piece.is_floating_point() and piece.dtype != dtype
+            blocks = _blocks(piece) if cast else [piece]
+            for block in blocks:
+                out = block.to(dtype) if cast else block
+                bad += count_nonfinite(out)
+                yield out
+        if bad:
+            message = f"{name} has {bad} NaN/Inf values" + (f" after the cast to {dtype}" if dtype else "")
+            if nonfinite is NonFinite.fail:
+                raise ConversionError(path, f"{message} (convert.nonfinite=warn converts anyway)")
+            log.warning("%s: %s", path, message)
+
+    return stream
+
+
+def _blocks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), BLOCK):
+        yield flat[start : start + BLOCK]
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    if tensor.dtype not in _EXPONENT_BITS:
+        return 0
+    int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
+    bits = tensor.detach().contiguous().reshape(-1).view(int_dtype).numpy()
+    return sum(int(np.count_nonzero((bits[i : i + BLOCK] & mask) == mask)) for i in range(0, bits.size, BLOCK))
+
+
+def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Byte equality of two tensors given as pieces, walking both without joining them."""
+    if {t.dtype for t in a} != {t.dtype for t in b}:
+        return False
+    left = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in a] or [np.empty(0, np.uint8)]
+    right = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in b] or [np.empty(0, np.uint8)]
+    if sum(map(len, left)) != sum(map(len, right)):
+        return False
+    i = j = 0
+    x, y = left[0], right[0]
+    while True:
+        while not len(x) and i + 1 < len(left):
+            i += 1
+            x = left[i]
+        while not len(y) and j + 1 < len(right):
+            j += 1
+            y = right[j]
+        n = min(len(x), len(y), 4 * BLOCK)
+        if n == 0:
+            return True
+        if not np.array_equal(x[:n], y[:n]):
+            return False
+        x, y = x[n:], y[n:]
