@@ -46,7 +46,8 @@ def main(dict_cfg: DictConfig) -> None:
     if failed:
         message = f"{len(failed)} of {len(results)} checkpoint(s) failed; see {run_dir / 'summary.json'}"
         if multirun:
-            raise CheckpointsFailed(message)
+            sweep_summary = Path(hydra_cfg.sweep.dir).absolute() / "summary.json"
+            raise CheckpointsFailed(f"{message} (all jobs: {sweep_summary})")
         log.error("%s", message)
         sys.exit(1)
 
