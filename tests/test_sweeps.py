@@ -12,10 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 
 from helpers import FsdpRun, assert_matches_reference, compose_config, run_lmtk, summary_of
-from lmtk import output
 from lmtk.config import SweepConfig, register_configs
-from lmtk.errors import ConversionError
-from lmtk.output import staged_folder
 from lmtk.sweep import SweepError, sweep_values
 
 # Sorted as the sweep runs them; the third is broken, the fourth has a space, a quote and a comma.
@@ -146,36 +143,11 @@ def test_the_same_checkpoint_in_two_parallel_jobs_leaves_one_complete_output(gpt
         f"convert.checkpoint_path={gpt2['bare']},{gpt2['bare']}", f"convert.base_model={gpt2.base}",
         f"convert.output_dir={out}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )
-    assert proc.returncode == 1
-    results = summary_of(sweep)
-    assert sorted(r["status"] for r in results) == ["failed", "ok"]
-    [lost] = [r for r in results if r["status"] == "failed"]
-    # Which check the loser meets depends on timing: before it starts or at the final rename.
-    assert lost["error"].startswith(f"{out / 'bare'}: ")
-    assert "already converted" in lost["error"] or "converted meanwhile by another job" in lost["error"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Which one the second job does depends on timing: find the first one's folder finished, or swap in its own.
+    assert sorted(r["status"] for r in summary_of(sweep)) in (["ok", "ok"], ["ok", "skipped"])
     assert [p.name for p in out.iterdir()] == ["bare"]
     assert_matches_reference(out / "bare", gpt2.reference)
-
-
-def test_a_folder_renamed_into_place_meanwhile_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    final = tmp_path / "out" / "ckpt"
-    real_check = output._check_target
-    checks = []
-
-    def other_job_wins_right_after_the_last_check(path: Path, *, overwrite: bool) -> None:
-        real_check(path, overwrite=overwrite)
-        checks.append(path)
-        if len(checks) == 2:  # the check just before the rename
-            path.mkdir()
-            (path / output.MARKER).write_text("{}")
-
-    monkeypatch.setattr(output, "_check_target", other_job_wins_right_after_the_last_check)
-    with pytest.raises(ConversionError) as err:
-        with staged_folder(final, overwrite=False) as folder:
-            (folder / "model.safetensors").write_text("mine")
-    assert str(err.value) == f"{final}: converted meanwhile by another job writing to the same folder; kept that one"
-    assert [p.name for p in final.iterdir()] == [output.MARKER]
-    assert [p.name for p in final.parent.iterdir()] == ["ckpt"]
 
 
 def test_glob_values_are_sorted_absolute_and_survive_hydra_quoting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
