@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,8 +19,11 @@ log = logging.getLogger("lmtk")
 register_configs()
 
 
-class CheckpointsFailed(RuntimeError):
-    """Raised in multirun jobs so Hydra records the job as failed and runs the others."""
+class CheckpointsFailed(CompactHydraException):
+    """Raised in multirun jobs so Hydra records the job as failed and runs the others.
+
+    A CompactHydraException: Hydra ends the sweep printing its message, without a traceback of its own code.
+    """
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmtk.conf", config_name="config")
@@ -28,6 +32,11 @@ def main(dict_cfg: DictConfig) -> None:
     logging.getLogger("lmtk").setLevel({0: logging.WARNING, 1: logging.INFO}.get(cfg.verbose_level, logging.DEBUG))
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.sweep is not None and not multirun:
+        # Without --multirun Hydra ignores the sweep, and the job would convert the default checkpoint_path.
+        log.error("sweep=%s runs one job per match of sweep.glob: add --multirun (-m)", hydra_cfg.runtime.choices.sweep)
+        sys.exit(2)
 
     if cfg.task is Task.convert:
         from lmtk.convert import run_convert
@@ -36,8 +45,9 @@ def main(dict_cfg: DictConfig) -> None:
     failed = [r for r in results if r.status == "failed"]
     if failed:
         message = f"{len(failed)} of {len(results)} checkpoint(s) failed; see {run_dir / 'summary.json'}"
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise CheckpointsFailed(message)
+        if multirun:
+            sweep_summary = Path(hydra_cfg.sweep.dir).absolute() / "summary.json"
+            raise CheckpointsFailed(f"{message} (all jobs: {sweep_summary})")
         log.error("%s", message)
         sys.exit(1)
 

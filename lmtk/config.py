@@ -11,6 +11,8 @@ from importlib.resources import files
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from lmtk.sweep import sweep_values
+
 
 class Task(str, Enum):
     convert = "convert"
@@ -83,6 +85,12 @@ class ConvertConfig:
 
 
 @dataclass
+class SweepConfig:
+    # Every file or directory matching it (sorted) becomes one multirun job's convert.checkpoint_path.
+    glob: str = MISSING
+
+
+@dataclass
 class LmtkConfig:
     task: Task = MISSING
     experiment_name: str = "lmtk"
@@ -91,6 +99,8 @@ class LmtkConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    # Set by the sweep group (sweep=checkpoints), only with --multirun.
+    sweep: SweepConfig | None = None
 
 
 def example_path(name: str) -> str:
@@ -101,3 +111,4 @@ def example_path(name: str) -> str:
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=LmtkConfig)
     OmegaConf.register_new_resolver("lmtk.example", example_path, replace=True)
+    OmegaConf.register_new_resolver("lmtk.files", sweep_values, replace=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +31,18 @@ class Result:
 
 def write_summary(path: Path, results: list[Result]) -> None:
     """Atomically replace ``path`` with the results (never a half-written file)."""
+    write_json(path, {"results": [asdict(r) for r in results]})
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically replace ``path``; concurrent writers (parallel sweep jobs) each use their own temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps({"results": [asdict(r) for r in results]}, indent=2, default=str) + "\n")
-    os.replace(temp, path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        temp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def log_summary(results: list[Result]) -> None:

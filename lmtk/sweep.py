@@ -1,0 +1,43 @@
+"""``sweep=checkpoints``: the checkpoints matching ``sweep.glob``, as a Hydra sweep over ``convert.checkpoint_path``.
+
+Hydra's own ``glob()`` picks config group options only (on a value key it launches no job at all), so
+``conf/sweep/checkpoints.yaml`` feeds ``hydra.sweeper.params`` through the ``lmtk.files`` resolver below.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from hydra.errors import CompactHydraException
+from omegaconf.errors import InterpolationResolutionError
+
+# A run of backslashes right before a quote, or at the very end (where the closing quote follows).
+_BACKSLASHES_BEFORE_QUOTE = re.compile(r"(\\*)('|\Z)")
+
+
+class SweepError(CompactHydraException, InterpolationResolutionError):
+    """A sweep that cannot start, reported as one line.
+
+    OmegaConf passes its own errors out of a resolver unwrapped, and Hydra prints a CompactHydraException
+    as its message alone (any other error raised while the sweeper starts comes with a long traceback).
+    """
+
+
+def sweep_values(pattern: str) -> str:
+    """``${lmtk.files:PATTERN}``: every match, sorted and absolute, as one comma-separated sweep of quoted values."""
+    if not pattern:
+        # Also what a pattern with an unquoted comma looks like: Hydra takes it for a sweep of its own.
+        raise SweepError("sweep.glob is not set (or has an unquoted comma): add \"sweep.glob='/ckpts/epoch-*'\"")
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not matches:
+        raise SweepError(f"sweep.glob={pattern}: no file or directory matches this pattern")
+    # Absolute: jobs may start in another working directory (a cluster node, a submitit worker).
+    return ",".join(quote(os.path.abspath(m)) for m in matches)
+
+
+def quote(text: str) -> str:
+    """``text`` as a single-quoted value of Hydra's override grammar, whatever it holds (spaces, commas, quotes)."""
+    # In a quoted value only quotes, and backslashes before a quote or the closing quote, are escaped.
+    return "'" + _BACKSLASHES_BEFORE_QUOTE.sub(lambda m: m[1] * 2 + ("\\'" if m[2] else ""), text) + "'"
