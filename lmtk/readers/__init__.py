@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmtk.errors import ConversionError
-from lmtk.readers.base import Reader, SourceInfo, TensorSpec
+from lmtk.readers.base import Reader, SourceInfo, TensorSpec, prefetch
 from lmtk.readers.dcp import METADATA, DcpReader
 from lmtk.readers.full import SUFFIXES, FullStateDictReader
 from lmtk.readers.ranks import RANK_FILE, RankShardReader
@@ -67,4 +67,6 @@ def _layout_of(path: Path, pinned: str | None, *, top: bool) -> str | None:
 
 def open_reader(path: Path, layout: str, *, allowed_globals: Sequence[str] = ()) -> Reader:
     readers = {"full": FullStateDictReader, "dcp": DcpReader, "ranks": RankShardReader}
-    return readers[layout](path, allowed_globals=allowed_globals)
+    reader = readers[layout](path, allowed_globals=allowed_globals)
+    prefetch(reader.info.files)
+    return reader
