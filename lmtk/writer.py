@@ -14,6 +14,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -94,23 +95,94 @@ def write_safetensors(
         offset += spec.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data start to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    with open(path, "wb", buffering=0) as f, _FileRanges() as ranges:
+        _write_all(f, struct.pack("<Q", len(blob)) + blob)
         for name, spec in specs.items():
             written = 0
             for piece in fetch(name):
                 if piece.dtype != spec.dtype:
                     raise ValueError(f"{name}: got {piece.dtype}, planned {spec.dtype}")
-                written += f.write(_bytes_of(piece))
+                written += ranges.copy(piece, f) or _write_all(f, _bytes_of(piece))
             if written != spec.nbytes:
                 raise ValueError(f"{name}: got {written} bytes, planned {spec.nbytes} for {list(spec.shape)}")
             on_tensor(1)
-        f.flush()
         os.fsync(f.fileno())
+
+
+def _write_all(f: BinaryIO, data: bytes | memoryview) -> int:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += f.write(view[done:])
+    return done
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     # A view of the tensor's own memory (the mmap'd file for .pth inputs): no copy unless strided.
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+class _FileRanges:
+    """Copy a tensor that is a memory-mapped byte range of a file with ``copy_file_range``.
+
+    The kernel then moves the bytes without touching user space: about twice as fast as writing
+    them from the mapping. Works out where a tensor's memory maps from with /proc/self/maps; any
+    tensor it cannot place (a cast, an assembled shard, another OS) is written the usual way.
+    """
+
+    def __init__(self) -> None:
+        self._regions: list[tuple[int, int, int, str]] = []
+        self._fds: dict[str, int] = {}
+        self._usable = hasattr(os, "copy_file_range") and Path("/proc/self/maps").exists()
+
+    def __enter__(self) -> _FileRanges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+    def copy(self, tensor: torch.Tensor, out: BinaryIO) -> int:
+        """Bytes copied, or 0 when the tensor is not a plain file range (the caller writes it)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if not self._usable or nbytes == 0 or not tensor.is_contiguous():
+            return 0
+        where = self._locate(tensor.data_ptr(), nbytes)
+        if where is None:
+            return 0
+        path, offset = where
+        try:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            done = 0
+            while done < nbytes:
+                n = os.copy_file_range(self._fds[path], out.fileno(), nbytes - done, offset + done)
+                if n == 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += n
+        except OSError:
+            if done:
+                raise
+            self._usable = False  # e.g. across filesystems on older kernels: write from memory instead
+            return 0
+        return nbytes
+
+    def _locate(self, address: int, nbytes: int) -> tuple[str, int] | None:
+        for refresh in (False, True):
+            if refresh or not self._regions:
+                self._regions = _file_mappings()
+            for start, end, file_offset, path in self._regions:
+                if start <= address and address + nbytes <= end:
+                    return path, file_offset + address - start
+        return None
+
+
+def _file_mappings() -> list[tuple[int, int, int, str]]:
+    regions = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/") and not parts[5].rstrip().endswith("(deleted)"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                regions.append((start, end, int(parts[2], 16), parts[5].rstrip("\n")))
+    return regions
