@@ -8,7 +8,7 @@ a full state dict (.pth) and as Accelerate's DCP folder. Every method then runs 
 interleaved, ``--repeats`` times; a sampler reads /proc every few ms for the peak resident memory
 (RSS) and peak anonymous memory (RssAnon: heap, not the page cache behind memory-mapped files) of
 the process tree. Results: ``benchmarks/results.md`` and ``benchmarks/results.png``.
-Files stay in the page cache between runs (dropping caches needs privileges); all methods see the same.
+With ``--cold`` (root) the page cache is dropped before every run; otherwise inputs stay cached.
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ def methods(base: Path, pth: Path, dcp: Path, out: Path) -> dict[str, list[str]]
         "cp .pth + sync": ["sh", "-c", f"cp {pth} {out}/copy.pth && sync {out}/copy.pth"],
         "cp -r DCP": ["cp", "-r", str(dcp), str(out / "copy-dcp")],
         "lmtk .pth": [*lmtk, f"convert.checkpoint_path={pth}"],
+        # a base model seen for the first time: the architecture is built from the model code
+        "lmtk .pth, first run on this base": ["env", f"LMTK_CACHE={out}/empty-cache", *lmtk,
+                                              f"convert.checkpoint_path={pth}"],
         "lmtk DCP": [*lmtk, f"convert.checkpoint_path={dcp}"],
         "accelerate merge-weights DCP": [shutil.which("accelerate") or "accelerate", "merge-weights", str(dcp),
                                          str(out / "accelerate")],
@@ -120,15 +123,27 @@ def methods(base: Path, pth: Path, dcp: Path, out: Path) -> dict[str, list[str]]
     }
 
 
-def run(size: str, work: Path, repeats: int) -> dict[str, list[Sample]]:
+def drop_caches() -> bool:
+    """Start each run with the inputs on disk, not in memory (root only)."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def run(size: str, work: Path, repeats: int, *, cold: bool) -> dict[str, list[Sample]]:
     base, pth, dcp = build(size, work)
     out = work / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMTK_CACHE": str(work / "lmtk-cache")}
     samples: dict[str, list[Sample]] = {}
     for rep in range(repeats):
         for name, command in methods(base, pth, dcp, out).items():  # interleaved: each rep runs every method
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
+            if cold and not drop_caches():
+                raise SystemExit("--cold needs root (writing /proc/sys/vm/drop_caches)")
             samples.setdefault(name, []).append(measure(command, env=env))
             s = samples[name][-1]
             print(f"{size} rep {rep + 1} {name}: {s.seconds:.2f}s rss {s.peak_rss / 2**20:.0f} MiB "
@@ -149,12 +164,16 @@ def machine() -> str:
             f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
-def report(results: dict[str, dict[str, list[Sample]]], *, repeats: int) -> str:
+def report(results: dict[str, dict[str, list[Sample]]], *, repeats: int, cold: bool) -> str:
+    cache = ("page cache dropped before every run (inputs read from disk)" if cold
+             else "files warm in the page cache")
     lines = [
         "# lmtk conversion benchmark", "",
         f"Machine: {machine()}.", f"Median of {repeats} interleaved runs per method, whole process including "
-        "start-up; files warm in the page cache. Peak anonymous memory (RssAnon) excludes the page cache "
-        "behind memory-mapped files.", "",
+        f"start-up; {cache}. lmtk fsyncs what it writes; plain cp does not (see cp + sync). lmtk caches "
+        "each base model's architecture (names, shapes) after its first run; the 'first run on this base' row "
+        "builds it from the model code. Peak anonymous memory (RssAnon) excludes the page cache behind "
+        "memory-mapped files.", "",
         "| model | method | median wall (s) | x cp | peak RSS (MiB) | peak anon (MiB) |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
@@ -201,9 +220,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lmtk-bench"))
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every run (root)")
     args = parser.parse_args()
-    results = {size: run(size, args.work, args.repeats) for size in args.sizes.split(",")}
-    table = report(results, repeats=args.repeats)
+    results = {size: run(size, args.work, args.repeats, cold=args.cold) for size in args.sizes.split(",")}
+    table = report(results, repeats=args.repeats, cold=args.cold)
     (args.out / "results.md").write_text(table)
     plot(results, args.out / "results.png")
     print(table)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ class Naming:
     sources: dict[str, tuple[str, ...]]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Architecture:
     class_name: str
     base_prefix: str
@@ -46,11 +47,49 @@ class Architecture:
     # Names a checkpoint may carry that the output never has (non-persistent buffers, old rotary caches).
     droppable: frozenset[str]
     ignore_patterns: tuple[str, ...]
-    model: Any  # the meta-device module, for transformers' conversion functions
+    # Builds the meta-device module, for transformers' conversion functions (only models that convert).
+    model_factory: Callable[[], Any] = field(repr=False, compare=False)
+    _model: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = self.model_factory()
+        return self._model
 
     @property
     def converts(self) -> bool:
         return len(self.namings) > 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "class_name": self.class_name,
+            "base_prefix": self.base_prefix,
+            "disk": _specs_to_json(self.disk),
+            "namings": [
+                {"name": n.name, "params": _specs_to_json(n.params), "tied": n.tied,
+                 "sources": {k: list(v) for k, v in n.sources.items()}}
+                for n in self.namings
+            ],
+            "droppable": sorted(self.droppable),
+            "ignore_patterns": list(self.ignore_patterns),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, model_factory: Callable[[], Any]) -> Architecture:
+        return cls(
+            class_name=data["class_name"],
+            base_prefix=data["base_prefix"],
+            disk=_specs_from_json(data["disk"]),
+            namings=tuple(
+                Naming(name=n["name"], params=_specs_from_json(n["params"]), tied=dict(n["tied"]),
+                       sources={k: tuple(v) for k, v in n["sources"].items()})
+                for n in data["namings"]
+            ),
+            droppable=frozenset(data["droppable"]),
+            ignore_patterns=tuple(data["ignore_patterns"]),
+            model_factory=model_factory,
+        )
 
     def droppable_name(self, name: str) -> bool:
         return name in self.droppable or name.endswith(".inv_freq") or any(
@@ -94,8 +133,21 @@ def build_architecture(config: Any) -> Architecture:
         namings=namings,
         droppable=frozenset(buffers - state.keys()),
         ignore_patterns=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
-        model=model,
+        model_factory=lambda: model,
     )
+
+
+def _specs_to_json(specs: dict[str, TensorSpec]) -> dict[str, Any]:
+    return {name: [list(spec.shape), str(spec.dtype).removeprefix("torch.")] for name, spec in specs.items()}
+
+
+def _specs_from_json(data: dict[str, Any]) -> dict[str, TensorSpec]:
+    specs = {}
+    for name, (shape, dtype) in data.items():
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"not a dtype: {dtype}")
+        specs[name] = TensorSpec(tuple(shape), getattr(torch, dtype))
+    return specs
 
 
 def _sources(model: Any, saved: dict[str, torch.Tensor], disk: dict[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:

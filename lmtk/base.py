@@ -1,89 +1,146 @@
-"""The base model: its config, its architecture built on the meta device, its tokenizer."""
+"""The base model: its folder (config and tokenizer files), and the architecture its config describes.
+
+Config and tokenizer files are copied as they are. The architecture (names and shapes from the model
+class on the meta device) is cached per config and transformers version, so later runs on the same
+base skip importing the model code: most of lmtk's start-up time.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from lmtk import __version__
 from lmtk.architecture import Architecture, build_architecture
 from lmtk.errors import ConversionError
 
 log = logging.getLogger(__name__)
 
+# What AutoTokenizer reads and save_pretrained writes, across tokenizer kinds.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json", "tokenizer.tiktoken",
+)
+_HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+
 
 @dataclass
 class BaseModel:
-    """``convert.base_model``: a local folder or a hub id found in the local cache."""
+    """``convert.base_model``: a local folder, or a hub id (from the local cache when offline)."""
 
     name_or_path: str
 
     @cached_property
+    def folder(self) -> Path:
+        local = Path(self.name_or_path)
+        if local.is_dir():
+            if not (local / "config.json").is_file():
+                raise ConversionError(local, "not a model folder: it has no config.json")
+            return local
+        from huggingface_hub import snapshot_download
+
+        try:  # config and tokenizer files only, never the hub's weights
+            return Path(snapshot_download(self.name_or_path, allow_patterns=_HUB_PATTERNS, local_files_only=_offline()))
+        except Exception as e:
+            log.debug("%s: %s", self.name_or_path, e)
+            raise ConversionError(
+                self.name_or_path,
+                "base model not found: not a local folder, not in the HuggingFace cache, and the hub is "
+                "unreachable or offline; set convert.base_model=/path/to/folder holding config.json "
+                "(and tokenizer files)",
+            ) from e
+
+    @cached_property
+    def config_dict(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ConversionError(self.folder / "config.json", f"unreadable: {e}") from e
+
+    @cached_property
     def config(self) -> Any:
+        """The transformers config object (imports transformers: only on a cache miss or for verify)."""
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.name_or_path, **self._hub_kwargs())
-        except (OSError, ValueError) as e:
-            raise ConversionError(self.name_or_path, self._not_found(e)) from e
+            return AutoConfig.from_pretrained(self.folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConversionError(self.folder / "config.json", f"not a transformers config: {e}") from e
 
     @cached_property
     def architecture(self) -> Architecture:
+        cache = _cache_dir() / f"{self._architecture_key()}.json"
         try:
-            return build_architecture(self.config)
+            arch = Architecture.from_json(json.loads(cache.read_text()), model_factory=self._meta_model)
+            log.debug("architecture from %s", cache)
+            return arch
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        try:
+            arch = build_architecture(self.config)
         except ValueError as e:  # not a causal LM, or a weight mapping we cannot stream
             raise ConversionError(self.name_or_path, f"cannot convert to this model: {e}") from e
+        _write_atomically(cache, json.dumps(arch.to_json()))
+        return arch
 
-    def save_generation_config(self, folder: Path) -> bool:
-        from transformers import GenerationConfig
+    def _architecture_key(self) -> str:
+        canonical = json.dumps(self.config_dict, sort_keys=True)
+        return hashlib.sha256(f"{canonical}|{version('transformers')}|{__version__}".encode()).hexdigest()[:32]
 
-        try:
-            generation = GenerationConfig.from_pretrained(self.name_or_path, **self._hub_kwargs())
-        except (OSError, ValueError):
-            generation = GenerationConfig.from_model_config(self.config)
-        if generation.to_diff_dict():
-            generation.save_pretrained(folder)
-            return True
-        return False
+    def _meta_model(self) -> Any:
+        return build_architecture(self.config).model
 
-    @cached_property
-    def tokenizer(self) -> Any | None:
-        from transformers import AutoTokenizer
+    def save_config(self, folder: Path, *, architectures: list[str], dtype: str) -> None:
+        config = {**self.config_dict, "architectures": architectures, "dtype": dtype}
+        config.pop("torch_dtype", None)  # the older name of "dtype"
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, **self._hub_kwargs())
-        except (OSError, ValueError, TypeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        else:
-            if tokenizer.vocab_size:
-                return tokenizer
-            reason = "it has no tokenizer files"  # transformers builds an empty one from config.json alone
-        log.warning("%s: no tokenizer to copy (%s); outputs get weights and config only", self.name_or_path, reason)
-        return None
+    def save_generation_config(self, folder: Path) -> None:
+        """The base's generation_config.json, or the one save_pretrained derives from the config."""
+        if (self.folder / "generation_config.json").is_file():
+            shutil.copyfile(self.folder / "generation_config.json", folder / "generation_config.json")
+            return
+        derived = {k: self.config_dict[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if self.config_dict.get(k) is not None}
+        if derived:
+            derived["_from_model_config"] = True
+            (folder / "generation_config.json").write_text(json.dumps(derived, indent=2, sort_keys=True) + "\n")
 
     def save_tokenizer(self, folder: Path) -> list[str]:
-        """Write the base model's tokenizer files into ``folder``; nothing (and a warning) when it has none."""
-        if self.tokenizer is None:
+        """Copy the base's tokenizer files; nothing (and a warning, once) when it has none."""
+        found = [name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+        if not found:
+            if not getattr(self, "_warned", False):
+                log.warning("%s: no tokenizer files; outputs get weights and config only", self.name_or_path)
+                self._warned = True
             return []
-        before = set(os.listdir(folder))
-        self.tokenizer.save_pretrained(folder)
-        return sorted(set(os.listdir(folder)) - before)
+        for name in found:
+            shutil.copyfile(self.folder / name, folder / name)
+        return found
 
-    def _hub_kwargs(self) -> dict[str, Any]:
-        # A local folder never touches the network; a hub id is looked up in the cache first.
-        return {"local_files_only": True} if Path(self.name_or_path).is_dir() or _offline() else {}
 
-    def _not_found(self, e: Exception) -> str:
-        if Path(self.name_or_path).is_dir():
-            return f"not a model folder: {str(e).splitlines()[0]}"
-        return (
-            f"base model not found: not a local folder, not in the HuggingFace cache, and the hub is "
-            f"unreachable or offline; set convert.base_model=/path/to/folder holding config.json "
-            f"(and tokenizer files)"
-        )
+def _cache_dir() -> Path:
+    root = os.environ.get("LMTK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmtk"
+    return Path(root) / "architectures"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text(text)
+        os.replace(temp, path)
+    except OSError as e:  # a read-only home: no cache, only slower start-ups
+        log.debug("cannot cache the architecture at %s: %s", path, e)
 
 
 def _offline() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -111,20 +110,18 @@ def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertCo
     arch = base.architecture
     plan = make_plan(reader.path, reader.specs(), arch)
     _check_tied(reader, plan)
-    dtype = _target_dtype(options.dtype, base.config)
+    dtype = _target_dtype(options.dtype, base.config_dict)
     if dtype is not None:
         plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
     with staged_folder(final, replace=True) as folder:
         fetch = streamed(fetcher(reader, plan, arch), path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
         write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name)
-        config = copy.deepcopy(base.config)
-        config.architectures = [arch.class_name]
-        config.dtype = _main_dtype(plan)
-        config.save_pretrained(folder)
+        written_dtype = str(_main_dtype(plan)).removeprefix("torch.")
+        base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype)
         base.save_generation_config(folder)
         base.save_tokenizer(folder)
         verified = _verify(folder, reader, plan, arch, base=base, options=options) if options.verify else None
-        record = provenance(reader, plan, fingerprint=source, dtype=str(config.dtype).removeprefix("torch."),
+        record = provenance(reader, plan, fingerprint=source, dtype=written_dtype,
                             base_model=options.base_model, verify=verified)
         write_provenance(folder, record, architecture=arch.class_name)
     return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified)
@@ -136,12 +133,12 @@ def _output_options(options: ConvertConfig) -> dict[str, Any]:
             "dtype": options.dtype.value if options.dtype else None}
 
 
-def _target_dtype(choice: DType | None, config: Any) -> torch.dtype | None:
+def _target_dtype(choice: DType | None, config: dict[str, Any]) -> torch.dtype | None:
     if choice is None:
         return None
     if choice is DType.auto:
-        dtype = getattr(config, "dtype", None)
-        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        name = config.get("dtype") or config.get("torch_dtype")
+        return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
     return getattr(torch, choice.value)
 
 

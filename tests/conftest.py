@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["LMTK_CACHE"] = tempfile.mkdtemp(prefix="lmtk-cache-")  # this session's architecture cache
 
 import hashlib
 from collections.abc import Callable, Iterator
