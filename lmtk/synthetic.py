@@ -251,6 +251,63 @@ def _save(layout: str, model: Any, optimizer: Any, *, rank: int, world_size: int
         torch.save(model.state_dict(), folder / f"model_world_size_{world_size}_rank_{rank}.pt")
 
 
+FSDP1_LAYOUTS = ("fsdp1_full", "fsdp1_dcp", "fsdp1_local", "fsdp1_sharded_ranks")
+
+
+def save_fsdp1_checkpoints(base_folder: Path, out_dir: Path, *, reference: Path, world_size: int = 2,
+                           seed: int = 0) -> Path:
+    """FSDP1 (``FullyShardedDataParallel``, blocks wrapped) on CPU processes, saved four ways:
+    ``fsdp1_full.pth`` (FULL_STATE_DICT), ``fsdp1_dcp/`` (SHARDED_STATE_DICT through DCP), and per-rank
+    ``torch.save`` files of LOCAL_STATE_DICT (``fsdp1_local/``) and SHARDED_STATE_DICT (``fsdp1_sharded_ranks/``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(
+        _fsdp1_worker, args=(world_size, _free_port(), str(base_folder), str(out_dir), str(reference), seed),
+        nprocs=world_size,
+    )
+    return out_dir
+
+
+def _fsdp1_worker(rank: int, world_size: int, port: int, base: str, out: str, reference: str, seed: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model = _build(Path(base), seed)
+        block_class = type(_blocks(model)[0])
+        fsdp = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({block_class}), device_id=torch.device("cpu"))
+        optimizer = torch.optim.AdamW(fsdp.parameters(), lr=1e-2)
+        ids = fixed_input()
+        fsdp(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        folder = Path(out)
+        full = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+        with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, full):
+            state = fsdp.state_dict()
+        fsdp.eval()
+        with torch.no_grad():
+            logits = fsdp(input_ids=ids).logits
+        if rank == 0:
+            torch.save({"input_ids": ids, "logits": logits}, reference)
+            torch.save({"model": state, "epoch": 1}, folder / "fsdp1_full.pth")
+        with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT):
+            dcp.save({"model": fsdp.state_dict()}, checkpoint_id=folder / "fsdp1_dcp")
+            sharded = fsdp.state_dict()
+        with FSDP.state_dict_type(fsdp, StateDictType.LOCAL_STATE_DICT):
+            local = fsdp.state_dict()
+        for name, state in (("fsdp1_sharded_ranks", sharded), ("fsdp1_local", local)):
+            (folder / name).mkdir(exist_ok=True)
+            torch.save(state, folder / name / f"model_world_size_{world_size}_rank_{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def save_zoo(root: Path, model_types: Sequence[str] = ZOO, *, world_size: int = 2, seed: int = 0) -> Path:
     """For each model type: ``root/TYPE/`` with ``base/`` (config), ``full.pth``, ``dcp/``, ``hub.pth``
     (full state dict under the hub's on-disk names) and ``reference/`` (save_pretrained of the same

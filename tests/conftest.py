@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import FsdpRun
-from lmtk.synthetic import LAYOUTS, make_base_folder, save_checkpoints
+from lmtk.synthetic import LAYOUTS, make_base_folder, save_checkpoints, save_fsdp1_checkpoints
 
 
 def _checksums(folder: Path) -> dict[str, str]:
@@ -49,6 +49,15 @@ def fsdp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Fsd
     yield get
     for folder, before in sums.items():
         assert _checksums(folder) == before, f"an input under {folder} changed"
+
+
+@pytest.fixture(scope="session")
+def fsdp1(tmp_path_factory: pytest.TempPathFactory) -> FsdpRun:
+    """Real FSDP1 (FullyShardedDataParallel on CPU, gloo) GPT-2 checkpoints: see save_fsdp1_checkpoints."""
+    root = tmp_path_factory.mktemp("fsdp1-gpt2")
+    base = make_base_folder(root / "base", "gpt2")
+    checkpoints = save_fsdp1_checkpoints(base, root / "checkpoints", reference=root / "reference.pt")
+    return FsdpRun(base=base, checkpoints=checkpoints, reference=root / "reference.pt")
 
 
 @pytest.fixture

@@ -146,3 +146,18 @@ def test_fsdp1_local_state_dict_is_refused_with_advice(gpt2: FsdpRun, tmp_path: 
     [result] = convert(tmp_path, checkpoint=flat, base=gpt2.base, out=tmp_path / "out")
     assert result.status == "failed"
     assert "LOCAL_STATE_DICT" in result.error and "SHARDED_STATE_DICT" in result.error
+
+
+@pytest.mark.parametrize("layout", ["fsdp1_full", "fsdp1_dcp"])
+def test_fsdp1_full_and_sharded_saves_convert_exactly(fsdp1: FsdpRun, tmp_path: Path, layout: str) -> None:
+    [result] = convert(tmp_path, checkpoint=fsdp1[layout], base=fsdp1.base, out=tmp_path / "out")
+    assert result.status == "ok", result.error
+    assert_matches_reference(tmp_path / "out" / layout, fsdp1.reference)
+
+
+@pytest.mark.parametrize("layout", ["fsdp1_local", "fsdp1_sharded_ranks"])
+def test_fsdp1_per_rank_sharded_tensors_are_refused_with_advice(fsdp1: FsdpRun, tmp_path: Path, layout: str) -> None:
+    [result] = convert(tmp_path, checkpoint=fsdp1[layout], base=fsdp1.base, out=tmp_path / "out")
+    assert result.status == "failed" and "\n" not in result.error
+    assert "ShardedTensor" in result.error and "dcp.save" in result.error and "FULL_STATE_DICT" in result.error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -55,6 +55,13 @@ def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
             log.debug("%s: could not list globals: %s", path, e)
             unsafe = set()
         refused = sorted(unsafe - set(allowed_globals))
+        if any(name.startswith("torch.distributed._shard.") for name in refused):
+            raise ConversionError(
+                path,
+                "holds FSDP1 ShardedTensor values (a per-rank torch.save of SHARDED_STATE_DICT or "
+                "LOCAL_STATE_DICT), which cannot be loaded without running code; save with "
+                "torch.distributed.checkpoint (dcp.save) under SHARDED_STATE_DICT, or a FULL_STATE_DICT",
+            )
         if refused:
             raise ConversionError(
                 path,
