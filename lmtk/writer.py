@@ -151,10 +151,10 @@ class _FileRanges:
         if where is None:
             return 0
         path, offset = where
+        done = 0
         try:
             if path not in self._fds:
                 self._fds[path] = os.open(path, os.O_RDONLY)
-            done = 0
             while done < nbytes:
                 n = os.copy_file_range(self._fds[path], out.fileno(), nbytes - done, offset + done)
                 if n == 0:
