@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lmtk.config import LmtkConfig, Task, register_configs
+from lmtk.prefetch import prefetch_checkpoints
 
 log = logging.getLogger("lmtk")
 
@@ -39,6 +40,8 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(2)
 
     if cfg.task is Task.convert:
+        # The disk starts reading the checkpoints while torch and transformers are imported.
+        prefetch_checkpoints(Path(cfg.convert.checkpoint_path))
         from lmtk.convert import run_convert
 
         results = run_convert(cfg, run_dir=run_dir)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmtk.errors import ConversionError
-from lmtk.readers.base import Reader, SourceInfo, TensorSpec, prefetch
+from lmtk.prefetch import prefetch
+from lmtk.readers.base import Reader, SourceInfo, TensorSpec
 from lmtk.readers.dcp import METADATA, DcpReader
 from lmtk.readers.full import SUFFIXES, FullStateDictReader
 from lmtk.readers.ranks import RANK_FILE, RankShardReader

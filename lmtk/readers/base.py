@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,21 +40,6 @@ class SourceInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     # Where the weights sat inside the saved object, e.g. "model" or "state_dict".
     location: str = ""
-
-
-def prefetch(paths: list[Path]) -> None:
-    """Ask the kernel to start reading ``paths`` now, while the architecture is being built."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except (AttributeError, OSError):  # not on every platform; only a speed-up
-            pass
-        finally:
-            os.close(fd)
 
 
 class Reader(Protocol):
