@@ -161,3 +161,9 @@ def test_fsdp1_per_rank_sharded_tensors_are_refused_with_advice(fsdp1: FsdpRun, 
     assert result.status == "failed" and "\n" not in result.error
     assert "ShardedTensor" in result.error and "dcp.save" in result.error and "FULL_STATE_DICT" in result.error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_one_rank_file_alone_says_to_convert_the_directory(gpt2: FsdpRun, tmp_path: Path) -> None:
+    rank_file = gpt2["ranks"] / "model_world_size_2_rank_0.pt"
+    [result] = convert(tmp_path, checkpoint=rank_file, base=gpt2.base, out=tmp_path / "out")
+    assert result.status == "failed" and "one rank's file" in result.error, result.error

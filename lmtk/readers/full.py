@@ -21,6 +21,7 @@ STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state_dict")
 SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 _ZIP_MAGIC = b"PK\x03\x04"
+ONE_RANK = "holds DTensor shards: one rank's file; convert the directory that holds every rank's file"
 
 
 def sniff(path: Path) -> str:
@@ -45,7 +46,8 @@ def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
     """
     if reason := sniff(path):
         raise ConversionError(path, reason)
-    zipped = open(path, "rb").read(4) == _ZIP_MAGIC
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_MAGIC
     if zipped and not zipfile.is_zipfile(path):
         raise ConversionError(path, "truncated or corrupt file (its zip directory is missing)")
     if zipped:
@@ -62,6 +64,8 @@ def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
                 "LOCAL_STATE_DICT), which cannot be loaded without running code; save with "
                 "torch.distributed.checkpoint (dcp.save) under SHARDED_STATE_DICT, or a FULL_STATE_DICT",
             )
+        if any(name.startswith("torch.distributed.tensor") for name in refused):
+            raise ConversionError(path, ONE_RANK)
         if refused:
             raise ConversionError(
                 path,
@@ -134,9 +138,7 @@ class FullStateDictReader:
         tensors, location, metadata = find_state_dict(safe_load(path, allowed_globals=allowed_globals), path)
         for name, t in tensors.items():
             if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-                raise ConversionError(
-                    path, f"tensor {name} is a {type(t).__name__}: a sharded save; convert the folder of all ranks"
-                )
+                raise ConversionError(path, f"{ONE_RANK} ({name} is a {type(t).__name__})")
             if t.is_sparse or t.device.type == "meta":
                 raise ConversionError(path, f"tensor {name} is {'sparse' if t.is_sparse else 'on the meta device'}")
         self._tensors = tensors
