@@ -8,7 +8,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 
 from helpers import REPO, FsdpRun, assert_matches_reference, run_lmtk, summary_of
 
