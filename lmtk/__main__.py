@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -16,6 +17,7 @@ from lmtk.config import LmtkConfig, Task, register_configs
 from lmtk.prefetch import prefetch_checkpoints
 
 log = logging.getLogger("lmtk")
+_STARTED = time.time()
 
 register_configs()
 
@@ -36,7 +38,7 @@ def main(dict_cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if cfg.sweep is not None and not multirun:
         # Without --multirun Hydra ignores the sweep, and the job would convert the default checkpoint_path.
-        log.error("sweep=%s runs one job per match of sweep.glob: add --multirun (-m)", hydra_cfg.runtime.choices.sweep)
+        log.error("sweep=%s runs one job per checkpoint: add --multirun (-m)", hydra_cfg.runtime.choices.sweep)
         sys.exit(2)
 
     if cfg.task is Task.convert:
@@ -44,7 +46,7 @@ def main(dict_cfg: DictConfig) -> None:
         prefetch_checkpoints(Path(cfg.convert.checkpoint_path))
         from lmtk.convert import run_convert
 
-        results = run_convert(cfg, run_dir=run_dir)
+        results = run_convert(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
     failed = [r for r in results if r.status == "failed"]
     if failed:
         message = f"{len(failed)} of {len(results)} checkpoint(s) failed; see {run_dir / 'summary.json'}"
@@ -53,6 +55,14 @@ def main(dict_cfg: DictConfig) -> None:
             raise CheckpointsFailed(f"{message} (all jobs: {sweep_summary})")
         log.error("%s", message)
         sys.exit(1)
+
+
+def _started(sweep_dir: Path | None) -> float:
+    """When this run began; for a sweep job, when the sweep began (the basic sweeper writes multirun.yaml first)."""
+    try:
+        return (sweep_dir / "multirun.yaml").stat().st_mtime if sweep_dir else _STARTED
+    except OSError:
+        return _STARTED
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def _results_in(run_dir: Path) -> list[dict[str, Any]]:
 def _checkpoint_of(config: DictConfig) -> str:
     resolved = OmegaConf.select(config, "convert.checkpoint_path", throw_on_resolution_failure=False)
     if resolved is not None:
-        return str(resolved)
+        only = OmegaConf.select(config, "convert.only", throw_on_resolution_failure=False)
+        return str(Path(resolved) / only) if only else str(resolved)
     # It failed to resolve (the likely reason the job died): report it as written.
     return str(OmegaConf.to_container(config.convert, resolve=False)["checkpoint_path"])
 

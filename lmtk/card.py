@@ -8,23 +8,28 @@ from pathlib import Path
 from typing import Any
 
 from lmtk import __version__
+from lmtk.discover import Unit
 from lmtk.output import MARKER
 from lmtk.plan import Plan
 from lmtk.readers.base import Reader
 
 
-def provenance(reader: Reader, plan: Plan, *, fingerprint: dict[str, Any], dtype: str, base_model: str,
+def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str, Any], dtype: str,
+               metadata: dict[str, Any], base_model: str, base_origin: str,
                verify: dict[str, Any] | None) -> dict[str, Any]:
     info = reader.info
     return {
         "lmtk_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": str(reader.path.resolve()),
+        "source": str(unit.path.resolve()),
+        "model_part": str(unit.model.resolve()),
+        "trainer": unit.trainer.name if unit.trainer else None,
         "layout": info.layout,
         "files": [{k: v for k, v in f.items() if k != "mtime_ns"} for f in fingerprint["files"]],
         "location": info.location,
-        "metadata": info.metadata,
+        "metadata": metadata,
         "base_model": base_model,
+        "base_model_from": base_origin,
         "dtype": dtype,
         "naming": plan.naming.name,
         "renamed": plan.renamed,
@@ -51,7 +56,9 @@ def model_card(record: dict[str, Any], *, architecture: str) -> str:
         base_model=base if not Path(base).exists() else None,
     )
     meta = record["metadata"]
-    trained = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "step", "global_step") if k in meta) or "not recorded"
+    trained = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "step", "iteration") if k in meta) or "not recorded"
+    if "progress_from" in meta:
+        trained += f" (from {meta['progress_from']})"
     verify = record["verify"]
     checked = ("not run" if not verify else
                f"skipped ({verify['skipped']})" if verify.get("skipped") else
@@ -68,9 +75,9 @@ A `{architecture}` converted by lmtk {record['lmtk_version']} from an FSDP train
 
 | | |
 | --- | --- |
-| source | `{record['source']}` ({record['layout']} layout) |
+| source | `{record['source']}` ({record['layout']} layout{f", {record['trainer']}" if record['trainer'] else ""}) |
 | training progress | {trained} |
-| base model (config, tokenizer) | `{base}` |
+| base model (config, tokenizer) | `{base}` (from {record['base_model_from']}) |
 | weights | {record['dtype']}, safetensors, names as `save_pretrained` writes them |
 | logits check | {checked} |
 | converted | {record['created']} |

@@ -10,7 +10,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from lmtk.sweep import sweep_values
+from lmtk.sweep import sweep_units, sweep_values
 
 
 class Task(str, Enum):
@@ -61,8 +61,13 @@ class PathsConfig:
 
 @dataclass
 class ConvertConfig:
-    base_model: str = "${model.name_or_path}"
+    # Config and tokenizer: a hub id or a local folder. Unset: the checkpoint's own (verl's actor/huggingface,
+    # a Trainer checkpoint's config.json) when it carries one, else model.name_or_path.
+    base_model: Optional[str] = None
+    # A checkpoint, a directory of checkpoints, or a training run's output directory.
     checkpoint_path: str = "${paths.checkpoints}"
+    # Convert only this one of the checkpoints found under checkpoint_path (its path relative to it).
+    only: Optional[str] = None
     initial_format: InitialFormat = InitialFormat.fsdp
     final_format: FinalFormat = FinalFormat.huggingface
     output_dir: str = "${paths.converted}"
@@ -85,8 +90,9 @@ class ConvertConfig:
 
 @dataclass
 class SweepConfig:
-    # Every file or directory matching it (sorted) becomes one multirun job's convert.checkpoint_path.
-    glob: str = MISSING
+    # sweep=checkpoints: every file or directory matching it (sorted) becomes one job's convert.checkpoint_path.
+    # (sweep=units needs none: it sweeps convert.only over the checkpoints found under convert.checkpoint_path.)
+    glob: Optional[str] = None
 
 
 @dataclass
@@ -111,3 +117,4 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=LmtkConfig)
     OmegaConf.register_new_resolver("lmtk.example", example_path, replace=True)
     OmegaConf.register_new_resolver("lmtk.files", sweep_values, replace=True)
+    OmegaConf.register_new_resolver("lmtk.units", sweep_units, replace=True)

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,13 @@ from lmtk import __version__
 from lmtk.architecture import Architecture
 from lmtk.base import BaseModel
 from lmtk.card import provenance, write_provenance
-from lmtk.config import ConvertConfig, DType, LmtkConfig
+from lmtk.config import ConvertConfig, DType, InitialFormat, LmtkConfig
+from lmtk.discover import Unit, discover
 from lmtk.errors import ConversionError
-from lmtk.output import existing_state, fingerprint, staged_folder
+from lmtk.output import check_replaceable, fingerprint, staged_folder
 from lmtk.plan import Plan, fetcher, make_plan
-from lmtk.readers import Reader, TensorSpec, find_checkpoints, open_reader
+from lmtk.progress import training_progress
+from lmtk.readers import Reader, TensorSpec, open_reader
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
 from lmtk.verify import reference_logits, verify_folder
@@ -28,32 +31,62 @@ from lmtk.writer import write_model_weights
 log = logging.getLogger(__name__)
 
 
-def run_convert(cfg: LmtkConfig, *, run_dir: Path) -> list[Result]:
-    """Convert every checkpoint, one failure never stopping the rest; write ``run_dir/summary.json``."""
+def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -> list[Result]:
+    """Convert every checkpoint, one failure never stopping the rest; write ``run_dir/summary.json``.
+
+    ``since``: when this run (or the sweep it is a job of) started; folders finished after it are never
+    replaced by another checkpoint's conversion.
+    """
     options = cfg.convert
-    base = BaseModel(options.base_model)
+    root = Path(options.checkpoint_path)
+    bases = _Bases(options.base_model, default=cfg.model.name_or_path)
     try:
-        checkpoints = find_checkpoints(Path(options.checkpoint_path), layout=options.initial_format.value)
-        _refuse_output_inside(Path(options.checkpoint_path), Path(options.output_dir))
+        layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
+        units = _selected(discover(root, layout=layout), root=root, only=options.only)
+        _refuse_output_inside(root, Path(options.output_dir))
     except ConversionError as e:
         log.error("%s", e)
-        results = [Result(checkpoint=options.checkpoint_path, status="failed", error=str(e))]
+        results = [Result(checkpoint=str(root / (options.only or "")), status="failed", error=str(e))]
     else:
-        log.info("found %d checkpoint(s) under %s", len(checkpoints), options.checkpoint_path)
-        results = [convert_checkpoint(path, layout, base=base, options=options) for path, layout in checkpoints]
+        log.info("found %d checkpoint(s) under %s", len(units), root)
+        since = time.time() if since is None else since
+        results = [convert_unit(unit, bases=bases, options=options, since=since) for unit in units]
     write_summary(run_dir / "summary.json", results)
     log_summary(results)
     return results
 
 
-def output_name(path: Path) -> str:
-    return path.stem if path.is_file() else path.name
+def _selected(units: list[Unit], *, root: Path, only: str | None) -> list[Unit]:
+    if only is None:
+        return units
+    wanted = (root / only).resolve()
+    chosen = [u for u in units if wanted in (u.path.resolve(), u.model.resolve())]
+    if not chosen:
+        raise ConversionError(root / only, f"not one of the {len(units)} checkpoint(s) found under {root}")
+    return chosen
 
 
 def _refuse_output_inside(checkpoint_path: Path, output_dir: Path) -> None:
     if checkpoint_path.is_dir() and output_dir.resolve().is_relative_to(checkpoint_path.resolve()):
         raise ConversionError(output_dir, f"convert.output_dir is inside the checkpoint directory {checkpoint_path}; "
                               "choose a folder outside it")
+
+
+class _Bases:
+    """The base model of each checkpoint: ``convert.base_model``, else the checkpoint's own, else the model group's."""
+
+    def __init__(self, explicit: str | None, *, default: str) -> None:
+        self._explicit, self._default = explicit, default
+        self._loaded: dict[str, BaseModel] = {}  # one architecture build per base, however many checkpoints
+
+    def of(self, unit: Unit) -> tuple[BaseModel, str]:
+        if self._explicit:
+            name, origin = self._explicit, "convert.base_model"
+        elif (own := unit.config_folder()) is not None:
+            name, origin = str(own), "the checkpoint"
+        else:
+            name, origin = self._default, "model.name_or_path"
+        return self._loaded.setdefault(name, BaseModel(name)), origin
 
 
 @dataclass
@@ -63,49 +96,60 @@ class _Outcome:
     verify: dict[str, Any] | None = None
 
 
-def convert_checkpoint(path: Path, layout: str, *, base: BaseModel, options: ConvertConfig) -> Result:
-    final = Path(options.output_dir).absolute() / output_name(path)
+def convert_unit(unit: Unit, *, bases: _Bases, options: ConvertConfig, since: float) -> Result:
+    final = Path(options.output_dir).absolute() / unit.name
     started = time.perf_counter()
-    log.info("converting %s (%s layout) -> %s", path, layout, final)
-    reader = None
+    trainer = f", {unit.trainer.name}" if unit.trainer else ""
+    log.info("converting %s (%s layout%s) -> %s", unit.model, unit.layout, trainer, final)
+    for sibling, what in unit.siblings():
+        log.info("%s: skipping %s (%s)", unit.path, sibling.name, what)
+    reader, metadata = None, {}
+    failed = partial(Result, checkpoint=str(unit.path), status="failed", layout=unit.layout)
     try:
-        reader = open_reader(path, layout, allowed_globals=options.allowed_globals)
-        outcome = _convert(reader, base=base, final=final, options=options)
+        base, origin = bases.of(unit)
+        log.info("%s: config and tokenizer from %s (%s)", unit.path, base.name_or_path, origin)
+        reader = open_reader(unit.model, unit.layout, allowed_globals=options.allowed_globals)
+        metadata = training_progress(unit, reader.info.metadata)
+        outcome = _convert(reader, unit, base=base, base_origin=origin, final=final, options=options,
+                           metadata=metadata, since=since)
     except ConversionError as e:
         log.error("%s", e)
-        return Result(checkpoint=str(path), status="failed", error=str(e), layout=layout)
+        return failed(error=str(e), metadata=metadata)
     except OSError as e:  # disk full, permissions, a file vanishing mid-run
         error = ConversionError(e.filename or final, e.strerror or str(e))
         log.error("%s", error)
-        return Result(checkpoint=str(path), status="failed", error=str(error), layout=layout)
+        return failed(error=str(error), metadata=metadata)
     except Exception as e:  # a bug, not bad input: keep the batch going, keep the traceback in the log
-        log.error("%s: unexpected %s: %s", path, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-        error = ConversionError(path, f"unexpected {type(e).__name__}: {e}")
-        return Result(checkpoint=str(path), status="failed", error=str(error), layout=layout)
+        log.error("%s: unexpected %s: %s", unit.path, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        return failed(error=str(ConversionError(unit.path, f"unexpected {type(e).__name__}: {e}")), metadata=metadata)
     finally:
         if reader is not None:
             reader.close()
     seconds = time.perf_counter() - started
     if outcome.status == "skipped":
-        log.info("skipped %s: %s is already converted from this very source", path, final)
+        log.info("skipped %s: %s is already converted from this very source", unit.path, final)
     else:
         log.info("done %s in %.1fs (%.1f MB)", final, seconds, outcome.bytes_written / 1e6)
     return Result(
-        checkpoint=str(path), status=outcome.status, output=str(final), layout=layout,  # type: ignore[arg-type]
-        seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=reader.info.metadata,
-        verify=outcome.verify,
+        checkpoint=str(unit.path), status=outcome.status, output=str(final), layout=unit.layout,  # type: ignore[arg-type]
+        seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=metadata, verify=outcome.verify,
     )
 
 
-def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertConfig) -> _Outcome:
-    source = fingerprint(reader.info.files, options=_output_options(options), checksum=options.checksum)
-    state = existing_state(final, source)
-    if state == "foreign":
-        raise ConversionError(final, "exists and was not written by lmtk; move it away or choose another convert.output_dir")
-    if state == "same" and not options.overwrite:
-        return _Outcome("skipped")
-    if state == "stale":
-        log.info("%s was converted from another version of %s; converting again", final, reader.path)
+def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, final: Path, options: ConvertConfig,
+             metadata: dict[str, Any], since: float) -> _Outcome:
+    source = str(unit.path.resolve())
+    current = fingerprint(reader.info.files, options=_output_options(options, base=base), checksum=options.checksum)
+
+    def may_replace(folder: Path) -> dict[str, Any]:
+        return check_replaceable(folder, source=source, overwrite=options.overwrite, since=since)
+
+    if final.exists() or final.is_symlink():
+        marker = may_replace(final)
+        if marker.get("fingerprint") == current and not options.overwrite:
+            return _Outcome("skipped")
+        if marker.get("source") == source:
+            log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
 
     arch = base.architecture
     plan = make_plan(reader.path, reader.specs(), arch)
@@ -113,7 +157,7 @@ def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertCo
     dtype = _target_dtype(options.dtype, base.config_dict)
     if dtype is not None:
         plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
-    with staged_folder(final, replace=True) as folder:
+    with staged_folder(final, may_replace=may_replace) as folder:
         fetch = streamed(fetcher(reader, plan, arch), path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
         write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name)
         written_dtype = str(_main_dtype(plan)).removeprefix("torch.")
@@ -121,15 +165,15 @@ def _convert(reader: Reader, *, base: BaseModel, final: Path, options: ConvertCo
         base.save_generation_config(folder)
         base.save_tokenizer(folder)
         verified = _verify(folder, reader, plan, arch, base=base, options=options) if options.verify else None
-        record = provenance(reader, plan, fingerprint=source, dtype=written_dtype,
-                            base_model=options.base_model, verify=verified)
+        record = provenance(unit, reader, plan, fingerprint=current, dtype=written_dtype, metadata=metadata,
+                            base_model=base.name_or_path, base_origin=base_origin, verify=verified)
         write_provenance(folder, record, architecture=arch.class_name)
     return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified)
 
 
-def _output_options(options: ConvertConfig) -> dict[str, Any]:
+def _output_options(options: ConvertConfig, *, base: BaseModel) -> dict[str, Any]:
     """The settings that change what is written: a rerun with other values converts again."""
-    return {"base_model": options.base_model, "max_shard_size": options.max_shard_size, "lmtk": __version__,
+    return {"base_model": base.name_or_path, "max_shard_size": options.max_shard_size, "lmtk": __version__,
             "dtype": options.dtype.value if options.dtype else None}
 
 

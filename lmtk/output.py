@@ -1,7 +1,8 @@
 """Output folders that exist only when complete: build in a hidden temp folder, then rename.
 
 A finished folder records where it came from (``conversion.json``, written last); a rerun compares
-that fingerprint with the source to skip, reconvert, or refuse to touch a folder lmtk did not write.
+that record with the source to skip it, reconvert it, or refuse to touch a folder lmtk did not write
+or one that holds another checkpoint's conversion.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,21 +55,32 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def existing_state(final: Path, current: dict[str, Any]) -> str:
-    """``absent``, ``same`` (finished from this very source), ``stale`` (ours, other source), ``foreign``."""
-    if not final.exists() and not final.is_symlink():
-        return "absent"
+def check_replaceable(final: Path, *, source: str, overwrite: bool, since: float) -> dict[str, Any]:
+    """The marker of the finished folder at ``final``, when a conversion of ``source`` may replace it; else raise.
+
+    A folder is never replaced when lmtk did not write it, nor when it holds another checkpoint's
+    conversion, unless ``overwrite`` is set, and even then not when it was finished after ``since`` (by
+    another job of the same run or sweep): no ``ok`` result may point at another checkpoint's weights.
+    """
     marker = read_marker(final)
     if marker is None:
-        return "foreign"
-    return "same" if marker.get("fingerprint") == current else "stale"
+        raise ConversionError(final, "exists and was not written by lmtk; move it away or choose another convert.output_dir")
+    other = marker.get("source")
+    if other != source:
+        if not overwrite:
+            raise ConversionError(source, f"{final} already holds the conversion of another checkpoint, {other}; "
+                                  "choose another convert.output_dir, or set convert.overwrite=true to replace it")
+        if (final / MARKER).stat().st_mtime >= since:
+            raise ConversionError(source, f"{final} was just converted from another checkpoint, {other}, by this run "
+                                  "or sweep; not replaced even with convert.overwrite=true: choose another convert.output_dir")
+    return marker
 
 
 @contextmanager
-def staged_folder(final: Path, *, replace: bool) -> Iterator[Path]:
+def staged_folder(final: Path, *, may_replace: Callable[[Path], object]) -> Iterator[Path]:
     """Yield an empty temp folder next to ``final``; on success it becomes ``final``, else it is removed.
 
-    ``replace`` allows swapping out an existing lmtk folder; a folder lmtk did not write is never touched.
+    When ``final`` exists by then, ``may_replace(final)`` decides: it raises to keep the folder.
     """
     parent = final.parent
     try:
@@ -81,24 +93,21 @@ def staged_folder(final: Path, *, replace: bool) -> Iterator[Path]:
     try:
         yield temp
         _fsync_dir(temp)
-        _move_into_place(temp, final, replace=replace)
+        _move_into_place(temp, final, may_replace=may_replace)
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
 
 
-def _move_into_place(temp: Path, final: Path, *, replace: bool) -> None:
+def _move_into_place(temp: Path, final: Path, *, may_replace: Callable[[Path], object]) -> None:
     try:
         os.rename(temp, final)  # atomic; fails when final exists (and is not an empty folder)
         return
     except OSError:
         if not final.exists():
             raise
-    if read_marker(final) is None:
-        raise ConversionError(final, "exists and was not written by lmtk; move it away or choose another convert.output_dir")
-    if not replace:
-        raise ConversionError(final, "already converted; set convert.overwrite=true to convert again")
+    may_replace(final)
     aside = final.parent / f".{final.name}{TEMP_TAG}{_owner()}-old-{uuid.uuid4().hex[:8]}"
     os.rename(final, aside)
     os.rename(temp, final)

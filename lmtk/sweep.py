@@ -1,7 +1,10 @@
-"""``sweep=checkpoints``: the checkpoints matching ``sweep.glob``, as a Hydra sweep over ``convert.checkpoint_path``.
+"""Sweeps over checkpoints, as values Hydra's sweeper expands into one job each.
 
+``sweep=checkpoints``: the paths matching ``sweep.glob``, as a sweep over ``convert.checkpoint_path``.
+``sweep=units``: every checkpoint discovered under ``convert.checkpoint_path`` (a training run), as a
+sweep over ``convert.only``, so each job names its folder as a single run over the tree would.
 Hydra's own ``glob()`` picks config group options only (on a value key it launches no job at all), so
-``conf/sweep/checkpoints.yaml`` feeds ``hydra.sweeper.params`` through the ``lmtk.files`` resolver below.
+the group files feed ``hydra.sweeper.params`` through the resolvers below.
 """
 
 from __future__ import annotations
@@ -10,8 +13,13 @@ import glob
 import os
 import re
 
+from pathlib import Path
+
 from hydra.errors import CompactHydraException
 from omegaconf.errors import InterpolationResolutionError
+
+from lmtk.discover import discover
+from lmtk.errors import ConversionError
 
 # A run of backslashes right before a quote, or at the very end (where the closing quote follows).
 _BACKSLASHES_BEFORE_QUOTE = re.compile(r"(\\*)('|\Z)")
@@ -35,6 +43,15 @@ def sweep_values(pattern: str) -> str:
         raise SweepError(f"sweep.glob={pattern}: no file or directory matches this pattern")
     # Absolute: jobs may start in another working directory (a cluster node, a submitit worker).
     return ",".join(quote(os.path.abspath(m)) for m in matches)
+
+
+def sweep_units(root: str) -> str:
+    """``${lmtk.units:ROOT}``: each checkpoint under ROOT, by its path relative to ROOT, as a sweep of quoted values."""
+    try:
+        units = discover(Path(root))
+    except ConversionError as e:
+        raise SweepError(f"sweep=units: {e}") from None
+    return ",".join(quote(os.path.relpath(unit.path, root)) for unit in units)
 
 
 def quote(text: str) -> str:

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from lmtk.config import LmtkConfig, register_configs
 from lmtk.convert import run_convert
 from lmtk.summary import Result
+from lmtk.sweep import quote
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,8 @@ def compose_config(*overrides: str) -> LmtkConfig:
 def convert(run_dir: Path, *, checkpoint: Path, base: Path, out: Path, overrides: tuple[str, ...] = ()) -> list[Result]:
     """In-process conversion through the composed config, as ``python -m lmtk`` runs it."""
     cfg = compose_config(
-        f"convert.checkpoint_path={checkpoint}", f"convert.base_model={base}", f"convert.output_dir={out}", *overrides
+        f"convert.checkpoint_path={quote(str(checkpoint))}", f"convert.base_model={quote(str(base))}",
+        f"convert.output_dir={quote(str(out))}", *overrides
     )
     return run_convert(cfg, run_dir=run_dir)
 

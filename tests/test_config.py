@@ -18,7 +18,8 @@ def test_defaults_compose_into_the_typed_config(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(cfg, LmtkConfig)
     assert cfg.task is Task.convert
     assert cfg.model.name_or_path == "gpt2"
-    assert cfg.convert.base_model == "gpt2"  # follows the model group
+    assert cfg.convert.base_model is None  # the checkpoint's own config, else the model group's
+    assert cfg.convert.only is None
     assert cfg.convert.initial_format is InitialFormat.fsdp
     assert cfg.convert.final_format is FinalFormat.huggingface
     assert cfg.convert.checkpoint_path == "workspace/output"

@@ -97,7 +97,7 @@ def test_provenance_and_model_card(gpt2: FsdpRun, tmp_path: Path) -> None:
     record = json.loads((folder / "conversion.json").read_text())
     assert record["source"] == str(gpt2["wrapped"].resolve()) and record["layout"] == "full"
     assert record["files"] == [{"path": str(gpt2["wrapped"].resolve()), "size": gpt2["wrapped"].stat().st_size}]
-    assert record["metadata"] == {"epoch": 3, "step": 1200, "lr": 0.01}
+    assert record["metadata"] == {"epoch": 3, "step": 1200, "lr": 0.01, "progress_from": "checkpoint"}
     assert record["dtype"] == "bfloat16" and record["location"] == "model"
     assert record["dropped"] == ["lm_head.weight"] and record["renamed"] == {}
     assert record["lmtk_version"] and record["created"]

@@ -38,7 +38,7 @@ def test_output_folder_is_complete(gpt2: FsdpRun, tmp_path: Path) -> None:
     assert "transformer.wte.weight" in names
     marker = json.loads((folder / "conversion.json").read_text())
     assert marker["location"] == "model"
-    assert marker["metadata"] == {"epoch": 3, "step": 1200, "lr": 0.01}
+    assert marker["metadata"] == {"epoch": 3, "step": 1200, "lr": 0.01, "progress_from": "checkpoint"}
     assert [p.name for p in tmp_path.joinpath("out").iterdir()] == ["wrapped"]  # no temp folder left
 
 

@@ -64,15 +64,69 @@ def test_a_pickle_payload_never_runs(gpt2: FsdpRun, tmp_path: Path, monkeypatch:
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_trainer_objects_are_refused_unless_named(gpt2: FsdpRun, tmp_path: Path) -> None:
-    ckpt = tmp_path / "with-args.pth"
-    torch.save({"model": torch.load(gpt2["bare"], weights_only=True), "args": argparse.Namespace(lr=0.1)}, ckpt)
-    _one_failure(convert(tmp_path, checkpoint=ckpt, base=gpt2.base, out=tmp_path / "out"), ckpt,
-                 "refuses: argparse.Namespace", tmp_path / "out")
-    [result] = convert(tmp_path, checkpoint=ckpt, base=gpt2.base, out=tmp_path / "out",
+_EVIL_MODULE = """
+from pathlib import Path
+
+class Hyper:
+    # Unpickling an instance normally calls __setstate__: here it would leave a marker file.
+    def __setstate__(self, state):
+        Path(state["marker"]).touch()
+"""
+
+
+def test_trainer_objects_beside_the_weights_are_inert(
+    gpt2: FsdpRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hyper-parameters, numpy RNG state and argparse namespaces convert without allowed_globals; none of it runs."""
+    import importlib
+    import logging
+
+    import numpy as np
+
+    caplog.set_level(logging.INFO, logger="lmtk")
+    (tmp_path / "evil_hparams.py").write_text(_EVIL_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hyper = importlib.import_module("evil_hparams").Hyper()
+    hyper.marker = str(tmp_path / "PWNED")
+    ckpt = tmp_path / "epoch=1-step=20.ckpt"
+    torch.save({"state_dict": torch.load(gpt2["bare"], weights_only=True), "global_step": 20, "epoch": 1,
+                "hyper_parameters": {"config": hyper, "args": argparse.Namespace(lr=0.1)},
+                "rng": np.random.RandomState(0).get_state(), "seen": np.int64(5)}, ckpt)
+    del sys.modules["evil_hparams"]
+    [result] = convert(tmp_path, checkpoint=ckpt, base=gpt2.base, out=tmp_path / "out")
+    assert result.status == "ok", result.error
+    assert not (tmp_path / "PWNED").exists() and "evil_hparams" not in sys.modules
+    assert "evil_hparams.Hyper" in caplog.text and "inert placeholders" in caplog.text
+    assert (result.metadata["step"], result.metadata["epoch"]) == (20, 1)
+    assert_matches_reference(tmp_path / "out" / "epoch=1-step=20", gpt2.reference)
+    # Named in allowed_globals, a type is the real one again (and still converts).
+    [result] = convert(tmp_path, checkpoint=ckpt, base=gpt2.base, out=tmp_path / "trusted",
                        overrides=("convert.allowed_globals=[argparse.Namespace]",))
     assert result.status == "ok", result.error
-    assert_matches_reference(tmp_path / "out" / "with-args", gpt2.reference)
+
+
+def test_a_payload_hidden_in_the_hyper_parameters_never_runs(
+    gpt2: FsdpRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": torch.load(gpt2["bare"], weights_only=True),
+                "hyper_parameters": {"lr": 0.1, "callbacks": [{"hook": _RunsCode()}]}}, ckpt)
+    _one_failure(convert(tmp_path, checkpoint=ckpt, base=gpt2.base, out=tmp_path / "out"), ckpt,
+                 "refuses: posix.system", tmp_path / "out")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_pickled_object_where_a_tensor_must_be_is_one_line(gpt2: FsdpRun, tmp_path: Path) -> None:
+    import numpy as np
+
+    state = torch.load(gpt2["bare"], weights_only=True)
+    state["transformer.wte.weight"] = state["transformer.wte.weight"].numpy()
+    ckpt = tmp_path / "numpy-weights.pth"
+    torch.save({"model": state}, ckpt)
+    assert isinstance(state["transformer.wte.weight"], np.ndarray)
+    _one_failure(convert(tmp_path, checkpoint=ckpt, base=gpt2.base, out=tmp_path / "out"), ckpt,
+                 "transformer.wte.weight is a pickled numpy", tmp_path / "out")
 
 
 def test_nan_weights_fail_or_warn(gpt2: FsdpRun, tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def test_a_glob_sweep_without_multirun_says_to_add_it(ckpts: Path, gpt2: FsdpRun
     proc = run_lmtk("sweep=checkpoints", f"sweep.glob='{ckpts}/epoch-*'", f"convert.output_dir={tmp_path / 'out'}",
                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "sweep=checkpoints runs one job per match of sweep.glob: add --multirun (-m)" in proc.stdout + proc.stderr
+    assert "sweep=checkpoints runs one job per checkpoint: add --multirun (-m)" in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()
 
 

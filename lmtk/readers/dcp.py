@@ -19,12 +19,12 @@ import torch
 from torch import _weights_only_unpickler
 
 from lmtk.errors import ConversionError, listing
+from lmtk.layouts import DCP_METADATA as METADATA
 from lmtk.readers.base import SourceInfo, TensorSpec
 from lmtk.readers.full import STATE_DICT_KEYS
 
 log = logging.getLogger(__name__)
 
-METADATA = ".metadata"
 _DCP = "torch.distributed.checkpoint"
 ALLOWED_GLOBALS = {
     (f"{_DCP}.metadata", name)

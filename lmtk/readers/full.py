@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,98 +11,12 @@ import torch
 
 from lmtk.errors import ConversionError
 from lmtk.readers.base import SourceInfo, TensorSpec
+from lmtk.readers.safe import ONE_RANK, Placeholder, safe_load
 
 log = logging.getLogger(__name__)
 
 # Where training code puts the weights inside the dict it saves, in the order we look.
 STATE_DICT_KEYS = ("model", "state_dict", "module", "model_state_dict")
-SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-
-_ZIP_MAGIC = b"PK\x03\x04"
-ONE_RANK = "holds DTensor shards: one rank's file; convert the directory that holds every rank's file"
-
-
-def sniff(path: Path) -> str:
-    """Why a file is not a torch.save checkpoint, or "" when it looks like one."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
-        return "empty file (0 bytes)"
-    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
-        return ""
-    if head.startswith(b"version https://git-lfs"):
-        return "a git-lfs pointer, not the checkpoint itself (run `git lfs pull`)"
-    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
-        return "an HTML/XML page, not a checkpoint (a failed download?)"
-    return "not a PyTorch checkpoint (unrecognised file header)"
-
-
-def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
-    """``torch.load`` with ``weights_only=True`` always, memory-mapped when the format allows.
-
-    ``allowed_globals`` names extra types the user trusts (``convert.allowed_globals``).
-    """
-    if reason := sniff(path):
-        raise ConversionError(path, reason)
-    with open(path, "rb") as f:
-        zipped = f.read(4) == _ZIP_MAGIC
-    if zipped and not zipfile.is_zipfile(path):
-        raise ConversionError(path, "truncated or corrupt file (its zip directory is missing)")
-    if zipped:
-        try:
-            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception as e:  # a broken zip: torch.load below names it better
-            log.debug("%s: could not list globals: %s", path, e)
-            unsafe = set()
-        refused = sorted(unsafe - set(allowed_globals))
-        if any(name.startswith("torch.distributed._shard.") for name in refused):
-            raise ConversionError(
-                path,
-                "holds FSDP1 ShardedTensor values (a per-rank torch.save of SHARDED_STATE_DICT or "
-                "LOCAL_STATE_DICT), which cannot be loaded without running code; save with "
-                "torch.distributed.checkpoint (dcp.save) under SHARDED_STATE_DICT, or a FULL_STATE_DICT",
-            )
-        if any(name.startswith("torch.distributed.tensor") for name in refused):
-            raise ConversionError(path, ONE_RANK)
-        if refused:
-            raise ConversionError(
-                path,
-                f"holds Python objects that a weights-only load refuses: {', '.join(refused)} "
-                "(if you trust this file, name them in convert.allowed_globals)",
-            )
-    try:
-        with torch.serialization.safe_globals([resolve_global(name) for name in allowed_globals]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except ConversionError:
-        raise
-    except Exception as e:
-        raise ConversionError(path, _load_failure(e)) from e
-
-
-def resolve_global(name: str) -> Any:
-    """``"argparse.Namespace"`` -> the class, for torch's allow-list."""
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[split:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            break
-        return obj
-    raise ConversionError("convert.allowed_globals", f"cannot import {name!r}")
-
-
-def _load_failure(e: Exception) -> str:
-    text = str(e)
-    if isinstance(e, (EOFError, OSError)) or "central directory" in text or "unexpected EOF" in text.lower():
-        return f"truncated or corrupt file ({type(e).__name__} while reading it)"
-    # torch's text advises weights_only=False; never pass that on.
-    first = text.split("\n")[0].split(". ")[0]
-    return f"torch.load failed: {type(e).__name__}: {first}"
 
 
 def find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
@@ -121,6 +33,9 @@ def find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str,
         location.append(inner)
         node = node[inner]
     tensors = {k: v for k, v in node.items() if isinstance(v, torch.Tensor)}
+    inert = [k for k, v in node.items() if isinstance(v, Placeholder)]
+    if inert:
+        raise ConversionError(path, f"{inert[0]} is a pickled {node[inert[0]].qualname} object where a tensor must be")
     if not tensors:
         keys = ", ".join(map(str, list(obj)[:10]))
         raise ConversionError(path, f"no model weights found (top-level keys: {keys})")

@@ -8,7 +8,6 @@ file (a one-GPU or DDP save) is already whole.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,13 @@ from typing import Any
 import torch
 
 from lmtk.errors import ConversionError, listing
+from lmtk.layouts import RANK_FILE
 from lmtk.readers.base import SourceInfo, TensorSpec
-from lmtk.readers.full import find_state_dict, safe_load
+from lmtk.readers.full import find_state_dict
+from lmtk.readers.safe import safe_load
 
 log = logging.getLogger(__name__)
 
-RANK_FILE = re.compile(r"^(?P<stem>.+)_world_size_(?P<world>\d+)_rank_(?P<rank>\d+)\.pt$")
 
 
 def rank_files(path: Path) -> tuple[list[Path], int]:

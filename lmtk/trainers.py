@@ -1,0 +1,97 @@
+"""What training frameworks write: one entry per trainer, read by discovery (``lmtk.discover``).
+
+A trainer saves each checkpoint as a *unit*: a directory (or file) that holds the model part (the
+checkpoint lmtk converts) beside training state it skips. Each entry says how to recognise a unit,
+where its model part sits, what the other files are, where the trainer records its progress, and
+where the model's own HuggingFace config may be. Adding a trainer is adding an entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Tokenizer and config files a trainer may copy into a unit; reused as the unit's base model.
+_HF_FILES = {
+    "config.json": "the model's HF config",
+    "generation_config.json": "the model's HF generation config",
+    "tokenizer*": "tokenizer files",
+    "special_tokens_map.json": "tokenizer files",
+    "vocab.json": "tokenizer files",
+    "merges.txt": "tokenizer files",
+    "chat_template.*": "tokenizer files",
+}
+_ACCELERATE_MODEL = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    name: str
+    # The unit's file or directory name (a full match). Groups named step, epoch or iteration are progress.
+    unit: str
+    # Where the model part sits in the unit, the first that exists wins; "" is the unit itself.
+    model: tuple[str, ...] = ("",)
+    # Globs that must match something in the unit as well (for units whose name says little).
+    requires: tuple[str, ...] = ()
+    # What else a unit holds (glob -> what it is): skipped, one log line each.
+    skip: dict[str, str] = field(default_factory=dict)
+    # The trainer's own progress records in the unit: file -> {"step": keys, "epoch": keys}, the first key found wins.
+    records: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    # Folders in the unit that may hold the model's HF config.json and tokenizer ("" is the unit itself).
+    config: tuple[str, ...] = ()
+
+
+TRAINERS = (
+    Trainer(
+        name="transformers Trainer",
+        unit=r"checkpoint-(?P<step>\d+)",
+        model=_ACCELERATE_MODEL,
+        skip={
+            "optimizer*": "optimizer state", "scheduler.pt": "LR scheduler state", "rng_state*.pth": "RNG state",
+            "trainer_state.json": "trainer state", "training_args.bin": "training arguments",
+            "model*.safetensors": "HF weights the Trainer wrote beside FSDP's",
+            "model.safetensors.index.json": "HF weights the Trainer wrote beside FSDP's",
+            "pytorch_model*.bin": "HF weights the Trainer wrote beside FSDP's",
+            **_HF_FILES,
+        },
+        records={"trainer_state.json": {"step": ("global_step",), "epoch": ("epoch",)}},
+        config=("",),
+    ),
+    Trainer(
+        name="accelerate save_state",
+        # Automatic naming numbers the saves; any other folder holding FSDP's model part is one too.
+        unit=r"checkpoint_(?P<iteration>\d+)|.+",
+        model=_ACCELERATE_MODEL,
+        requires=("random_states_*.pkl",),
+        skip={
+            "optimizer*": "optimizer state", "scheduler*.bin": "LR scheduler state",
+            "random_states_*.pkl": "RNG state", "sampler*.bin": "sampler state", "dl_state_dict*.bin": "dataloader state",
+            "custom_checkpoint_*.pkl": "registered custom state",
+        },
+    ),
+    Trainer(
+        name="verl",
+        unit=r"global_step_(?P<step>\d+)",
+        model=("actor",),
+        skip={"data.pt": "dataloader state", "critic": "the critic (a value model, not a causal LM)"},
+        config=("actor/huggingface",),
+    ),
+    Trainer(
+        name="OLMo-core",
+        unit=r"step(?P<step>\d+)",
+        model=("model_and_optim",),
+        skip={"train": "trainer state per rank", "config.json": "OLMo-core's experiment config",
+              ".metadata.json": "OLMo-core's checkpoint metadata"},
+    ),
+    Trainer(
+        # torchtitan's CheckpointManager, and torch's DCP HuggingFaceStorageWriter, save step-N directories.
+        name="torchtitan / DCP",
+        unit=r"step-(?P<step>\d+)",
+        skip={"sharded": "the per-rank shards the consolidated weights were made from"},
+    ),
+    Trainer(
+        # Lightning Trainer and Fabric: a .ckpt file, or a DCP directory of that name with meta.pt.
+        name="Lightning",
+        unit=r".+\.ckpt",
+        records={"meta.pt": {"step": ("global_step", "step"), "epoch": ("epoch",)}},
+    ),
+)
