@@ -83,7 +83,7 @@ class _Bases:
         if self._explicit:
             name, origin = self._explicit, "convert.base_model"
         elif (own := unit.config_folder()) is not None:
-            name, origin = str(own), "the checkpoint"
+            name, origin = str(own), "the checkpoint" if own.is_relative_to(unit.path) else "the training run"
         else:
             name, origin = self._default, "model.name_or_path"
         return self._loaded.setdefault(name, BaseModel(name)), origin

@@ -7,15 +7,15 @@ imports and inside a sweep's launcher.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmtk.errors import ConversionError
 from lmtk.layouts import FULL_SUFFIXES, HF_CONFIG, detect, is_hf_model, output_stem
-from lmtk.trainers import TRAINERS, Trainer
+from lmtk.trainers import TRAINERS, Trainer, describe
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +51,22 @@ class Unit:
     def config_folder(self) -> Path | None:
         """Where the unit carries the model's own HF config (verl's actor/huggingface, a Trainer checkpoint)."""
         for relative in self.trainer.config if self.trainer else ():
-            folder = self.path / relative if relative else self.path
+            folder = Path(os.path.normpath(self.path / relative))
             if _is_hf_config(folder / HF_CONFIG):
                 return folder
         return None
 
     def siblings(self) -> list[tuple[Path, str]]:
-        """Everything in the unit beside the model part, and what it is: skipped."""
-        if self.path == self.model or not self.path.is_dir() or self.trainer is None:
+        """What the unit holds beside the model part (and what the trainer put inside it), skipped."""
+        if self.trainer is None or self.path == self.model or not self.path.is_dir():
             return []
         own = {self.model, *(self.path / c for c in self.trainer.config if c)}
         found = []
         for child in sorted(self.path.iterdir()):
-            if child in own or any(o.is_relative_to(child) for o in own if o != self.path):
-                continue
-            what = next((w for g, w in self.trainer.skip.items() if fnmatch.fnmatch(child.name, g)), "not the model")
-            found.append((child, what))
+            if not any(o == child or o.is_relative_to(child) for o in own if o != self.path):
+                found.append((child, describe(child.name, (self.trainer,)) or "not the model"))
+        if self.model.is_dir():  # verl keeps optimizer and RNG rank files in the model's own folder
+            found += [(c, what) for c in sorted(self.model.iterdir()) if (what := describe(c.name, (self.trainer,)))]
         return found
 
 
@@ -126,10 +126,6 @@ def _is_hf_config(file: Path) -> bool:
         return False
 
 
-# Files every trainer writes beside its checkpoints (optimizer, RNG, arguments): never checkpoints themselves.
-_STATE_FILES = sorted({g for t in TRAINERS for g in t.skip if any(g.endswith(s) for s in FULL_SUFFIXES + (".pkl",))})
-
-
 def _walk(folder: Path, *, depth: int, seen: dict[Path, Path], units: list[Unit]) -> None:
     hf_model = is_hf_model(folder)
     for child in sorted(folder.iterdir()):
@@ -140,8 +136,11 @@ def _walk(folder: Path, *, depth: int, seen: dict[Path, Path], units: list[Unit]
             log.info("skipping %s: the same as %s", child, seen[real])
             continue
         seen[real] = child
-        if child.is_file() and (hf_model or any(fnmatch.fnmatch(child.name, g) for g in _STATE_FILES)):
-            log.debug("skipping %s: training state or HF weights, not a checkpoint", child)
+        if child.is_file() and (what := describe(child.name)):
+            log.info("skipping %s (%s)", child, what)
+            continue
+        if child.is_file() and hf_model:
+            log.debug("skipping %s: part of the HuggingFace model there", child)
             continue
         unit = _unit_at(child, top=False)
         if unit is not None:

@@ -8,6 +8,7 @@ where the model's own HuggingFace config may be. Adding a trainer is adding an e
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 # Tokenizer and config files a trainer may copy into a unit; reused as the unit's base model.
@@ -54,7 +55,8 @@ TRAINERS = (
             **_HF_FILES,
         },
         records={"trainer_state.json": {"step": ("global_step",), "epoch": ("epoch",)}},
-        config=("",),
+        # FULL_STATE_DICT checkpoints carry the config; the run's output_dir has it once save_model ran.
+        config=("", ".."),
     ),
     Trainer(
         name="accelerate save_state",
@@ -72,7 +74,9 @@ TRAINERS = (
         name="verl",
         unit=r"global_step_(?P<step>\d+)",
         model=("actor",),
-        skip={"data.pt": "dataloader state", "critic": "the critic (a value model, not a causal LM)"},
+        skip={"data.pt": "dataloader state", "critic": "the critic (a value model, not a causal LM)",
+              "optim_world_size_*": "optimizer state per rank", "extra_state_world_size_*": "LR scheduler and RNG state per rank",
+              "fsdp_config.json": "FSDP settings", "latest_checkpointed_iteration.txt": "verl's pointer to its latest step"},
         config=("actor/huggingface",),
     ),
     Trainer(
@@ -95,3 +99,12 @@ TRAINERS = (
         records={"meta.pt": {"step": ("global_step", "step"), "epoch": ("epoch",)}},
     ),
 )
+
+
+def describe(name: str, trainers: tuple[Trainer, ...] | None = None) -> str | None:
+    """What a file or folder called ``name`` is to the trainers (their ``skip`` globs), if anything."""
+    for trainer in TRAINERS if trainers is None else trainers:
+        for glob, what in trainer.skip.items():
+            if fnmatch.fnmatch(name, glob):
+                return what
+    return None
