@@ -9,13 +9,14 @@ from typing import Any
 
 from lmtk import __version__
 from lmtk.discover import Unit
+from lmtk.namings import Naming
 from lmtk.output import MARKER
 from lmtk.plan import Plan
 from lmtk.readers.base import Reader
 
 
 def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str, Any], dtype: str,
-               metadata: dict[str, Any], base_model: str, base_origin: str,
+               metadata: dict[str, Any], base_model: str, base_origin: str, naming: Naming,
                verify: dict[str, Any] | None) -> dict[str, Any]:
     info = reader.info
     return {
@@ -31,6 +32,7 @@ def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str,
         "base_model": base_model,
         "base_model_from": base_origin,
         "dtype": dtype,
+        "codebase_naming": naming.name,
         "naming": plan.naming.name,
         "renamed": plan.renamed,
         "dropped": plan.dropped,
@@ -79,6 +81,7 @@ A `{architecture}` converted by lmtk {record['lmtk_version']} from an FSDP train
 | training progress | {trained} |
 | base model (config, tokenizer) | `{base}` (from {record['base_model_from']}) |
 | weights | {record['dtype']}, safetensors, names as `save_pretrained` writes them |
+| names in the checkpoint | {record['codebase_naming']} ({record['naming']}) |
 | logits check | {checked} |
 | converted | {record['created']} |
 

@@ -46,6 +46,36 @@ class NonFinite(str, Enum):
     warn = "warn"
 
 
+class Transform(str, Enum):
+    """Tensor surgery a naming may need on the way to HF's layout (``lmtk.namings`` implements each)."""
+
+    # Rotary q/k rows from the interleaved (Meta, torchtitan) order to HF's half-split order.
+    rotary_half_split = "rotary_half_split"
+
+
+@dataclass
+class TensorTransform:
+    kind: Transform = MISSING
+    # The base config field whose head count groups the rows (num_attention_heads, num_key_value_heads).
+    heads: str = "num_attention_heads"
+
+
+@dataclass
+class NamingConfig:
+    """How another codebase names a model's tensors (``conf/naming/*.yaml``)."""
+
+    codebase: str = MISSING
+    family: str = MISSING
+    # HF classes these names map onto; the base config's must be one of them (empty: any).
+    architectures: list[str] = field(default_factory=list)
+    # Checkpoint name -> HF name, "{}" standing for a layer (or expert) number; empty: the names are HF's.
+    keys: dict[str, str] = field(default_factory=dict)
+    # HF name (as in keys) -> the transform its tensor needs.
+    transforms: dict[str, TensorTransform] = field(default_factory=dict)
+    # Checkpoint names dropped on purpose (buffers the codebase saves that HF recomputes), "{}" as in keys.
+    drop: list[str] = field(default_factory=list)
+
+
 @dataclass
 class ModelConfig:
     # A HuggingFace hub id or a local folder holding config.json (and tokenizer files).
@@ -106,6 +136,8 @@ class LmtkConfig:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     # Set by the sweep group (sweep=checkpoints), only with --multirun.
     sweep: SweepConfig | None = None
+    # The tensor namings a checkpoint may use, from the naming group: all shipped ones unless pinned (naming=NAME).
+    namings: dict[str, NamingConfig] = field(default_factory=dict)
 
 
 def example_path(name: str) -> str:

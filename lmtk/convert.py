@@ -20,7 +20,8 @@ from lmtk.config import ConvertConfig, DType, InitialFormat, LmtkConfig
 from lmtk.discover import Unit, discover
 from lmtk.errors import ConversionError
 from lmtk.output import check_replaceable, fingerprint, staged_folder
-from lmtk.plan import Plan, fetcher, make_plan
+from lmtk.namings import Naming, choose, load_namings
+from lmtk.plan import Plan, fetcher
 from lmtk.progress import training_progress
 from lmtk.readers import Reader, TensorSpec, open_reader
 from lmtk.stream import equal, streamed
@@ -50,7 +51,8 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
     else:
         log.info("found %d checkpoint(s) under %s", len(units), root)
         since = time.time() if since is None else since
-        results = [convert_unit(unit, bases=bases, options=options, since=since) for unit in units]
+        namings = load_namings(cfg.namings)
+        results = [convert_unit(unit, bases=bases, namings=namings, options=options, since=since) for unit in units]
     write_summary(run_dir / "summary.json", results)
     log_summary(results)
     return results
@@ -96,7 +98,7 @@ class _Outcome:
     verify: dict[str, Any] | None = None
 
 
-def convert_unit(unit: Unit, *, bases: _Bases, options: ConvertConfig, since: float) -> Result:
+def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float) -> Result:
     final = Path(options.output_dir).absolute() / unit.name
     started = time.perf_counter()
     trainer = f", {unit.trainer.name}" if unit.trainer else ""
@@ -110,8 +112,8 @@ def convert_unit(unit: Unit, *, bases: _Bases, options: ConvertConfig, since: fl
         log.info("%s: config and tokenizer from %s (%s)", unit.path, base.name_or_path, origin)
         reader = open_reader(unit.model, unit.layout, allowed_globals=options.allowed_globals)
         metadata = training_progress(unit, reader.info.metadata)
-        outcome = _convert(reader, unit, base=base, base_origin=origin, final=final, options=options,
-                           metadata=metadata, since=since)
+        outcome = _convert(reader, unit, base=base, base_origin=origin, namings=namings, final=final,
+                           options=options, metadata=metadata, since=since)
     except ConversionError as e:
         log.error("%s", e)
         return failed(error=str(e), metadata=metadata)
@@ -136,8 +138,8 @@ def convert_unit(unit: Unit, *, bases: _Bases, options: ConvertConfig, since: fl
     )
 
 
-def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, final: Path, options: ConvertConfig,
-             metadata: dict[str, Any], since: float) -> _Outcome:
+def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, namings: list[Naming], final: Path,
+             options: ConvertConfig, metadata: dict[str, Any], since: float) -> _Outcome:
     source = str(unit.path.resolve())
     current = fingerprint(reader.info.files, options=_output_options(options, base=base), checksum=options.checksum)
 
@@ -152,7 +154,7 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, f
             log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
 
     arch = base.architecture
-    plan = make_plan(reader.path, reader.specs(), arch)
+    naming, reader, plan = choose(reader, arch, namings, config=base.config_dict)
     _check_tied(reader, plan)
     dtype = _target_dtype(options.dtype, base.config_dict)
     if dtype is not None:
@@ -164,9 +166,9 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, f
         base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype)
         base.save_generation_config(folder)
         base.save_tokenizer(folder)
-        verified = _verify(folder, reader, plan, arch, base=base, options=options) if options.verify else None
+        verified = _verify(folder, reader, plan, arch, naming, base=base, options=options) if options.verify else None
         record = provenance(unit, reader, plan, fingerprint=current, dtype=written_dtype, metadata=metadata,
-                            base_model=base.name_or_path, base_origin=base_origin, verify=verified)
+                            base_model=base.name_or_path, base_origin=base_origin, naming=naming, verify=verified)
         write_provenance(folder, record, architecture=arch.class_name)
     return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified)
 
@@ -186,11 +188,16 @@ def _target_dtype(choice: DType | None, config: dict[str, Any]) -> torch.dtype |
     return getattr(torch, choice.value)
 
 
-def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, *, base: BaseModel,
+def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming: Naming, *, base: BaseModel,
             options: ConvertConfig) -> dict[str, Any]:
     params = sum(math.prod(spec.shape) for spec in plan.outputs.values())
     reference = reference_logits(base.config, reader, plan, arch) if params <= options.verify_max_params else None
-    result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params)
+    result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params, label=str(reader.path))
+    # Say what the comparison can catch: the reference holds the tensors as lmtk named them.
+    result["reference"] = (
+        "a float32 model holding the source tensors under the training code's names" if naming.is_hf else
+        f"a float32 model holding the source tensors after lmtk's {naming.title} -> transformers mapping: it checks "
+        "the writing, not the mapping itself (names, rotary permutation), which the test suite proves")
     if result["passed"] is False:
         raise ConversionError(reader.path, f"verify failed: the written model's logits differ from the source by "
                               f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g})")

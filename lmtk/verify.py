@@ -43,7 +43,8 @@ def reference_logits(config: Any, reader: Reader, plan: Plan, arch: Architecture
         return model(input_ids=fixed_input(config.vocab_size)).logits
 
 
-def verify_folder(folder: Path, reference: torch.Tensor | None, *, params: int, max_params: int) -> dict[str, Any]:
+def verify_folder(folder: Path, reference: torch.Tensor | None, *, params: int, max_params: int,
+                  label: str) -> dict[str, Any]:
     """``{"passed", "max_abs_diff", "tolerance", ...}`` for ``folder`` against the reference logits."""
     if params > max_params:
         return {"passed": None, "skipped": f"{params} parameters > convert.verify_max_params={max_params}"}
@@ -60,6 +61,6 @@ def verify_folder(folder: Path, reference: torch.Tensor | None, *, params: int, 
     tolerance = TOLERANCE.get(dtype, 1e-1) * max(1.0, float(reference.abs().max()))
     result = {"passed": diff <= tolerance, "max_abs_diff": diff, "tolerance": tolerance, "dtype": str(dtype).removeprefix("torch."),
               "seconds": round(time.perf_counter() - started, 3)}
-    log.info("%s: verify %s (max |diff| %.3g, tolerance %.3g)", folder.name, "passed" if result["passed"] else "FAILED",
+    log.info("%s: verify %s (max |diff| %.3g, tolerance %.3g)", label, "passed" if result["passed"] else "FAILED",
              diff, tolerance)
     return result

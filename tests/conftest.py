@@ -11,12 +11,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["LMTK_CACHE"] = tempfile.mkdtemp(prefix="lmtk-cache-")  # this session's architecture cache
 
 import hashlib
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import FsdpRun
+from helpers import FIXTURES, Convert, FsdpRun, base_of, run_lmtk
 from lmtk.synthetic import LAYOUTS, make_base_folder, save_checkpoints, save_fsdp1_checkpoints
 
 
@@ -68,3 +69,20 @@ def gpt2(fsdp: Callable[..., FsdpRun]) -> FsdpRun:
 @pytest.fixture
 def llama(fsdp: Callable[..., FsdpRun]) -> FsdpRun:
     return fsdp("llama")
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Convert:
+    """``converted(name)``: ``python -m lmtk`` over the fixture's run directory, once per session."""
+    done: dict[tuple[str, bool], tuple[subprocess.CompletedProcess[str], Path, Path]] = {}
+
+    def get(name: str, *, with_base: bool = True) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+        if (name, with_base) not in done:
+            work = tmp_path_factory.mktemp(name)
+            base = [f"convert.base_model={base_of(name)}"] if with_base else []
+            proc = run_lmtk("task=convert", f"convert.checkpoint_path={FIXTURES / name / 'run'}", *base,
+                            f"convert.output_dir={work / 'out'}", f"hydra.run.dir={work / 'run'}", cwd=work)
+            done[name, with_base] = proc, work / "out", work / "run"
+        return done[name, with_base]
+
+    return get

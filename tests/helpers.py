@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,12 @@ from lmtk.summary import Result
 from lmtk.sweep import quote
 
 REPO = Path(__file__).resolve().parents[1]
+# Training runs written by real trainers' own save code (see tests/trainers/README.md).
+FIXTURES = REPO / "tests" / "trainers"
+
+
+# converted(fixture, with_base=True) -> (the python -m lmtk process, its output_dir, its run dir)
+Convert = Callable[..., "tuple[subprocess.CompletedProcess[str], Path, Path]"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +86,19 @@ def summary_of(run_dir: Path) -> list[dict]:
 
 def tree(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def base_of(fixture: str) -> Path:
+    """The HF config a trainer fixture's model matches: its own base/ (other codebases' models), else the shared one."""
+    own = FIXTURES / fixture / "base"
+    return own if own.is_dir() else FIXTURES / "base"
+
+
+def reference_of(fixture: str) -> dict:
+    """``{"input_ids", "logits": {folder name: logits}, "steps": {folder name: step}}`` of a trainer fixture."""
+    return torch.load(FIXTURES / fixture / "reference.pt", weights_only=True)
+
+
+def assert_logits(folder: Path, reference: dict, unit: str, *, atol: float = 1e-5) -> None:
+    diff = (logits_of(folder, reference["input_ids"]) - reference["logits"][unit]).abs().max().item()
+    assert diff <= atol, f"{folder}: logits differ from the trained model's at {unit} by {diff}"

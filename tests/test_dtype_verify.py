@@ -75,12 +75,12 @@ def test_verify_fails_on_a_corrupted_output(gpt2: FsdpRun, tmp_path: Path) -> No
     from lmtk.verify import fixed_input
 
     reference = AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=fixed_input(512)).logits.detach()
-    assert verify_folder(folder, reference, params=1, max_params=10)["passed"] is True
+    assert verify_folder(folder, reference, params=1, max_params=10, label="test")["passed"] is True
     weights = load_file(folder / "model.safetensors")
     weights["transformer.h.0.attn.c_attn.weight"], weights["transformer.h.1.attn.c_attn.weight"] = (
         weights["transformer.h.1.attn.c_attn.weight"], weights["transformer.h.0.attn.c_attn.weight"])  # a mapping bug
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    outcome = verify_folder(folder, reference, params=1, max_params=10)
+    outcome = verify_folder(folder, reference, params=1, max_params=10, label="test")
     assert outcome["passed"] is False and outcome["max_abs_diff"] > outcome["tolerance"]
 
 

@@ -8,57 +8,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import REPO, logits_of, run_lmtk, summary_of
+from helpers import FIXTURES, Convert, assert_logits, base_of, reference_of, run_lmtk, summary_of
 
-FIXTURES = REPO / "tests" / "trainers"
 RUNS = (
     "hf_trainer_fsdp2_sharded", "hf_trainer_fsdp2_full", "hf_trainer_fsdp1_sharded", "hf_trainer_fsdp1_full",
     "accelerate_fsdp2_sharded", "lightning_fsdp_sharded", "lightning_modelparallel_full", "lightning_fabric", "verl",
+    "torchtitan_llama3", "torchtitan_llama3_tied", "olmo_core_olmo2", "olmo_core_llama",
 )
 # Runs that carry their model's HF config (verl's actor/huggingface): converted with no convert.base_model.
 OWN_CONFIG = ("verl",)
-
-
-def base_of(name: str) -> Path:
-    """The HF config a fixture's model matches: its own base/ (other codebases' models), else the shared one."""
-    own = FIXTURES / name / "base"
-    return own if own.is_dir() else FIXTURES / "base"
-
-
-def reference_of(name: str) -> dict:
-    return torch.load(FIXTURES / name / "reference.pt", weights_only=True)
-
-
-def assert_logits(folder: Path, reference: dict, unit: str, *, atol: float = 1e-5) -> None:
-    diff = (logits_of(folder, reference["input_ids"]) - reference["logits"][unit]).abs().max().item()
-    assert diff <= atol, f"{folder}: logits differ from the trained model's at {unit} by {diff}"
-
-
-Convert = Callable[..., tuple[subprocess.CompletedProcess[str], Path, Path]]
-
-
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Convert:
-    """``converted(name)``: ``python -m lmtk`` over the fixture's run directory, once per session."""
-    done: dict[tuple[str, bool], tuple[subprocess.CompletedProcess[str], Path, Path]] = {}
-
-    def get(name: str, *, with_base: bool = True) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
-        if (name, with_base) not in done:
-            work = tmp_path_factory.mktemp(name)
-            base = [f"convert.base_model={base_of(name)}"] if with_base else []
-            proc = run_lmtk("task=convert", f"convert.checkpoint_path={FIXTURES / name / 'run'}", *base,
-                            f"convert.output_dir={work / 'out'}", f"hydra.run.dir={work / 'run'}", cwd=work)
-            done[name, with_base] = proc, work / "out", work / "run"
-        return done[name, with_base]
-
-    return get
 
 
 @pytest.mark.parametrize("name", RUNS)

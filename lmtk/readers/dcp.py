@@ -42,13 +42,36 @@ ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"),
 }
 # Roots that hold training state, not the model: skipped when no model root is found.
-NON_MODEL_ROOTS = ("optimizer", "optim", "optimizers", "lr_scheduler", "scheduler", "dataloader", "rng", "extra_state")
+NON_MODEL_ROOTS = ("optimizer", "optim", "optimizers", "lr_scheduler", "scheduler", "dataloader", "rng", "extra_state",
+                   "train_state")
+
+
+class _ForeignStorageInfo:
+    """Another codebase's copy of DCP's storage record (OLMo-core pickles its own ``_StorageInfo``).
+
+    Accepted by name, never imported: built from its fields alone, which must be exactly DCP's.
+    """
+
+    FIELDS = {"relative_path": str, "offset": int, "length": int}
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or set(state) != set(self.FIELDS) or not all(
+                type(state[k]) is t for k, t in self.FIELDS.items()):
+            raise pickle.UnpicklingError(f"a storage record shaped {state!r:.80}, not DCP's (relative_path, offset, length)")
+        self.relative_path, self.offset, self.length = state["relative_path"], state["offset"], state["length"]
+        self.transform_descriptors = None
+
+
+# Codebases that write DCP's layout with their own metadata classes: (module, name) -> the stand-in.
+FOREIGN_GLOBALS = {("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"): _ForeignStorageInfo}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) in FOREIGN_GLOBALS:
+            return FOREIGN_GLOBALS[module, name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
