@@ -18,12 +18,14 @@ class Task(str, Enum):
 
 
 class InitialFormat(str, Enum):
-    """``fsdp`` detects the layout; the others pin one layout."""
+    """``fsdp`` detects the layout; the others pin one layout (see ``lmtk.layouts``)."""
 
     fsdp = "fsdp"
     full = "full"
     dcp = "dcp"
     ranks = "ranks"
+    hf_shards = "hf_shards"
+    safetensors = "safetensors"
 
 
 class FinalFormat(str, Enum):

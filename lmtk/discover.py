@@ -58,8 +58,10 @@ class Unit:
 
     def siblings(self) -> list[tuple[Path, str]]:
         """What the unit holds beside the model part (and what the trainer put inside it), skipped."""
-        if self.trainer is None or self.path == self.model or not self.path.is_dir():
+        if self.trainer is None or not self.path.is_dir():
             return []
+        if self.path == self.model:  # torch's consolidated weights keep the per-rank shards in sharded/
+            return [(c, what) for c in sorted(self.path.iterdir()) if (what := describe(c.name, (self.trainer,)))]
         own = {self.model, *(self.path / c for c in self.trainer.config if c)}
         found = []
         for child in sorted(self.path.iterdir()):

@@ -18,6 +18,7 @@ RUNS = (
     "hf_trainer_fsdp2_sharded", "hf_trainer_fsdp2_full", "hf_trainer_fsdp1_sharded", "hf_trainer_fsdp1_full",
     "accelerate_fsdp2_sharded", "lightning_fsdp_sharded", "lightning_modelparallel_full", "lightning_fabric", "verl",
     "torchtitan_llama3", "torchtitan_llama3_tied", "olmo_core_olmo2", "olmo_core_llama",
+    "torch_hf_sharded", "torch_hf_consolidated",
 )
 # Runs that carry their model's HF config (verl's actor/huggingface): converted with no convert.base_model.
 OWN_CONFIG = ("verl",)

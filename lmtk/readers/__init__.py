@@ -10,10 +10,12 @@ from lmtk.readers.base import Reader, SourceInfo, TensorSpec
 from lmtk.readers.dcp import DcpReader
 from lmtk.readers.full import FullStateDictReader
 from lmtk.readers.ranks import RankShardReader
+from lmtk.readers.safetensors import HfShardsReader, SafetensorsReader
 
 __all__ = ["Reader", "SourceInfo", "TensorSpec", "open_reader"]
 
-READERS = {"full": FullStateDictReader, "dcp": DcpReader, "ranks": RankShardReader}
+READERS = {"full": FullStateDictReader, "dcp": DcpReader, "ranks": RankShardReader, "hf_shards": HfShardsReader,
+           "safetensors": SafetensorsReader}
 
 
 def open_reader(path: Path, layout: str, *, allowed_globals: Sequence[str] = ()) -> Reader:
