@@ -151,7 +151,7 @@ def _apply(transform: TensorTransform, tensor: torch.Tensor, *, config: dict[str
            where: tuple[Path, str]) -> torch.Tensor:
     if transform.kind is Transform.rotary_half_split:
         heads = config.get(transform.heads) or config.get("num_attention_heads")
-        rows, cols = tensor.shape[0], tensor.shape[-1] if tensor.dim() > 1 else 1
+        rows, _cols = tensor.shape[0], tensor.shape[-1] if tensor.dim() > 1 else 1
         if not isinstance(heads, int) or heads <= 0 or rows % (2 * heads):
             raise ConversionError(where[0], f"{where[1]}: {rows} rows do not split into {heads} heads of rotary "
                                   f"pairs ({transform.heads} in the base config)")

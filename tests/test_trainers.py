@@ -38,7 +38,7 @@ def test_one_command_converts_every_checkpoint_of_the_run(converted: Convert, na
         assert record["metadata"] == results[unit]["metadata"]
         recorded = record["metadata"].get("step", record["metadata"].get("iteration"))
         assert recorded == (step if "accelerate" not in name else int(unit.split("_")[-1])), record["metadata"]
-        assert f"| training progress | " in (out / unit / "README.md").read_text()
+        assert "| training progress | " in (out / unit / "README.md").read_text()
 
 
 def test_a_checkpoint_that_carries_its_config_needs_no_base_model(converted: Convert) -> None:

@@ -50,7 +50,6 @@ main process re-checks every checkpoint FROM DISK: DCP dirs are consolidated wit
 merge_fsdp_weights, pytorch_model_fsdp.bin / model.safetensors are loaded directly, into a plain model,
 and the logits must match the reference to < 1e-5; the root model.safetensors must equal the last checkpoint.
 """
-import json
 import os
 import shutil
 import socket

@@ -35,7 +35,6 @@ about 30 s of CPU, 100-110 s wall on a busy 2-core machine):
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,7 +87,6 @@ def worker(rank, port, tmp):
     fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(1234 + rank)
-    refs = {}
     for step in range(1, max(SAVE_STEPS) + 1):
         batch = torch.randint(0, vocab, (2, 12), generator=gen)
         loss = model(input_ids=batch, labels=batch).loss
