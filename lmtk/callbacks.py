@@ -36,16 +36,9 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        run_dir = Path(config.hydra.runtime.output_dir)
-        checkpoint = _checkpoint_of(config)
-        if job_return.status is not JobStatus.COMPLETED and not (run_dir / SUMMARY).exists():
-            # The job died before writing its summary: record the checkpoint as failed all the same.
-            died = Result(checkpoint=checkpoint, status="failed", error=_error_of(job_return))
-            write_summary(run_dir / SUMMARY, [died])
-        sweep_dir, num = Path(config.hydra.sweep.dir), int(config.hydra.job.num)
-        record = {"job": num, "status": job_return.status.name.lower(), "checkpoint": checkpoint, "run_dir": str(run_dir)}
-        write_json(sweep_dir / JOBS / f"{num}.json", record)
-        rebuild_sweep_summary(sweep_dir)
+        completed = job_return.status is JobStatus.COMPLETED
+        record_job(config, run_dir=Path(config.hydra.runtime.output_dir), status=job_return.status.name.lower(),
+                   error=None if completed else _error_of(job_return))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -55,6 +48,22 @@ class SweepSummary(Callback):
             "sweep summary: %d ok, %d skipped, %d failed -> %s",
             counts["ok"], counts["skipped"], counts["failed"], sweep_dir.absolute() / SUMMARY,
         )
+
+
+def record_job(config: DictConfig, *, run_dir: Path, status: str, error: str | None,
+               extra: dict[str, Any] | None = None) -> None:
+    """Record one finished job of the sweep and rebuild the sweep summary.
+
+    ``error`` is set for a job that did not complete: when it died before writing its own summary (a config
+    that does not resolve, a process SLURM killed), its checkpoint is recorded as failed with that error.
+    """
+    checkpoint = checkpoint_of(config)
+    if error is not None and not (run_dir / SUMMARY).exists():
+        write_summary(run_dir / SUMMARY, [Result(checkpoint=checkpoint, status="failed", error=error)])
+    sweep_dir, num = Path(config.hydra.sweep.dir), int(config.hydra.job.num)
+    record = {"job": num, "status": status, "checkpoint": checkpoint, "run_dir": str(run_dir), **(extra or {})}
+    write_json(sweep_dir / JOBS / f"{num}.json", record)
+    rebuild_sweep_summary(sweep_dir)
 
 
 def rebuild_sweep_summary(sweep_dir: Path) -> dict[str, Any]:
@@ -85,7 +94,7 @@ def _results_in(run_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _checkpoint_of(config: DictConfig) -> str:
+def checkpoint_of(config: DictConfig) -> str:
     resolved = OmegaConf.select(config, "convert.checkpoint_path", throw_on_resolution_failure=False)
     if resolved is not None:
         only = OmegaConf.select(config, "convert.only", throw_on_resolution_failure=False)

@@ -149,6 +149,21 @@ def example_path(name: str) -> str:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=LmtkConfig)
+    _register_launchers()
     OmegaConf.register_new_resolver("lmtk.example", example_path, replace=True)
     OmegaConf.register_new_resolver("lmtk.files", sweep_values, replace=True)
     OmegaConf.register_new_resolver("lmtk.units", sweep_units, replace=True)
+
+
+def _register_launchers() -> None:
+    """lmtk's launchers (``hydra_plugins.lmtk_launchers``), also where Hydra's plugin scan cannot list them:
+    it walks the ``hydra_plugins`` folders on disk, and an editable install maps the module elsewhere."""
+    try:
+        import hydra_plugins.lmtk_launchers as launchers
+    except ImportError:  # the slurm extra is not installed
+        return
+    from hydra.core.plugins import Plugins
+
+    for name in ("ConvertSlurmLauncher", "ConvertLocalLauncher"):
+        if (launcher := getattr(launchers, name, None)) is not None:
+            Plugins.instance().register(launcher)

@@ -174,12 +174,12 @@ def test_the_sweep_group_is_typed_and_off_by_default() -> None:
     assert "globs" in str(err.value.__cause__ or err.value)
 
 
-@pytest.mark.parametrize(("preset", "target", "gpus"), [("convert_slurm", "SlurmLauncher", None),
-                                                       ("convert_local", "LocalLauncher", 0)])
+@pytest.mark.parametrize(("preset", "target", "gpus"), [("convert_slurm", "ConvertSlurmLauncher", None),
+                                                       ("convert_local", "ConvertLocalLauncher", 0)])
 def test_launcher_presets_ask_for_cpu_memory_and_time(preset: str, target: str, gpus: int | None) -> None:
     register_configs()
     with initialize_config_module(config_module="lmtk.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith(f".{target}")
-    assert (launcher.cpus_per_task, launcher.mem_gb, launcher.timeout_min, launcher.gpus_per_node) == (4, 32, 120, gpus)
+    assert launcher._target_ == f"hydra_plugins.lmtk_launchers.{target}"
+    assert (launcher.cpus_per_task, launcher.mem_gb, launcher.timeout_min, launcher.gpus_per_node) == (2, 4, 60, gpus)
