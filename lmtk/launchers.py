@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from lmtk.callbacks import checkpoint_of, record_job
 log = logging.getLogger(__name__)
 
 _STDERR_LINES = 5
+_POLL_S = 5.0
 
 
 class LaunchError(CompactHydraException):
@@ -72,6 +74,7 @@ class Accounted:
             jobs = executor.map_array(self, *zip(*args))
         except Exception as e:  # sbatch said no (a request the partition refuses, an unknown account, ...)
             raise LaunchError(f"{self._EXECUTOR} refused the sweep's jobs: {_last_line(e)}") from None
+        _wait(jobs)
         return [self._collect(job, num, overrides) for job, (overrides, _, num, _, _) in zip(jobs, args)]
 
     def _collect(self, job: Any, num: int, overrides: list[str]) -> JobReturn:
@@ -111,6 +114,22 @@ class SlurmRequestCheck(Accounted):
                 f"partition {name} has {cpus} CPUs and {mem_mb / 1024:.0f} GB: lower hydra.launcher.cpus_per_task "
                 "or hydra.launcher.mem_gb, or choose another hydra.launcher.partition"
             )
+
+
+def _wait(jobs: list[Any]) -> None:
+    """Until every job has ended, asking the cluster about all of them at once every few seconds.
+
+    submitit's own wait asks less and less often (every 10 minutes once a job is old), so a job SLURM
+    killed would be noticed that late.
+    """
+    pending = list(jobs)
+    while pending:
+        watcher = getattr(pending[0], "watcher", None)
+        if watcher is not None and hasattr(watcher, "update"):
+            watcher.update()
+        pending = [job for job in pending if not job.done()]
+        if pending:
+            time.sleep(_POLL_S)
 
 
 def largest_node(partition: str | None) -> tuple[str, int, int] | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -115,19 +116,33 @@ def _move_into_place(temp: Path, final: Path, *, may_replace: Callable[[Path], o
 
 
 def remove_stale_temps(parent: Path, name: str) -> None:
-    """Remove temp folders for ``name`` left by killed runs on this host (their process is gone)."""
+    """Remove temp folders for ``name`` left by killed runs: their process on this host is gone, or the
+    SLURM job that wrote them has left the queue (or is this very job, requeued after preemption)."""
     prefix = f".{name}{TEMP_TAG}"
     host = socket.gethostname()
     for path in parent.glob(f"{glob.escape(prefix)}*"):
         owner_host, _, rest = path.name[len(prefix):].rpartition("@")
-        pid = rest.split("-")[0]
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        pid, _, rest = rest.partition("-")
+        job = rest.split("-")[0].removeprefix("slurm") if rest.startswith("slurm") else None
+        dead = owner_host == host and pid.isdigit() and not _alive(int(pid))
+        if dead or (job and (job == os.environ.get("SLURM_JOB_ID") or _slurm_job_gone(job))):
             log.info("removing %s, left by a run that was killed", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
 def _owner() -> str:
-    return f"{socket.gethostname()}@{os.getpid()}"
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{socket.gethostname()}@{os.getpid()}" + (f"-slurm{job}" if job else "")
+
+
+def _slurm_job_gone(job: str) -> bool:
+    """Whether SLURM no longer knows the job as queued or running (False when squeue cannot tell)."""
+    try:
+        proc = subprocess.run(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return (proc.returncode == 0 and not proc.stdout.strip()) or "Invalid job id" in proc.stderr
 
 
 def _alive(pid: int) -> bool:

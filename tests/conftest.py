@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import FIXTURES, Convert, FsdpRun, base_of, run_lmtk
 from lmtk.synthetic import LAYOUTS, make_base_folder, save_checkpoints, save_fsdp1_checkpoints
@@ -23,6 +24,18 @@ from lmtk.synthetic import LAYOUTS, make_base_folder, save_checkpoints, save_fsd
 
 def _checksums(folder: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say plainly whether the SLURM tests ran against a live cluster (CI must show they did)."""
+    outcomes = [(report.outcome, report.when) for reports in terminalreporter.stats.values() for report in reports
+                if isinstance(report, pytest.TestReport) and report.nodeid.startswith("tests/test_slurm.py")
+                and (report.when == "call" or report.outcome != "passed")]
+    if outcomes:
+        counts = {o: sum(outcome == o for outcome, _ in outcomes) for o in ("passed", "failed", "skipped")}
+        where = os.environ.get("SLURM_CONF") or "no cluster"
+        terminalreporter.write_line(f"SLURM tests: {counts['passed']} passed, {counts['failed']} failed, "
+                                    f"{counts['skipped']} skipped (cluster: {where})")
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +99,18 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Convert:
         return done[name, with_base]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A ~300 MB GPT-2 state dict: big enough to kill its conversion mid-write."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("big")
+    base = make_base_folder(root / "base", "gpt2", vocab_size=60000, n_embd=1024, n_head=8)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    state = {k: torch.full(v.shape, 0.5, dtype=v.dtype) for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    torch.save(state, root / "big.pth")
+    return base, root / "big.pth"

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from helpers import FsdpRun, assert_matches_reference, convert, run_lmtk, tree
-from lmtk.synthetic import make_base_folder
 
 
 def _one_failure(results: list, path: Path, words: str, out: Path) -> str:
@@ -192,21 +191,6 @@ def test_checksum_fingerprint_sees_same_size_same_mtime_edits(gpt2: FsdpRun, tmp
 
 
 # -- crashes: kill, disk full ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A ~300 MB GPT-2 state dict: big enough to kill its conversion mid-write."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("big")
-    base = make_base_folder(root / "base", "gpt2", vocab_size=60000, n_embd=1024, n_head=8)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
-    state = {k: torch.full(v.shape, 0.5, dtype=v.dtype) for k, v in model.state_dict().items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    torch.save(state, root / "big.pth")
-    return base, root / "big.pth"
-
 
 def test_sigkill_mid_write_leaves_no_folder_and_the_rerun_finishes(big: tuple[Path, Path], tmp_path: Path) -> None:
     base, ckpt = big
