@@ -47,16 +47,16 @@ def write_provenance(folder: Path, record: dict[str, Any], *, architecture: str)
     (folder / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def model_card(record: dict[str, Any], *, architecture: str) -> str:
-    from huggingface_hub import ModelCardData
+def _front_matter(base: str) -> str:
+    """The card's metadata, as the hub reads it (JSON strings are YAML strings); a local base is no hub id."""
+    lines = ["library_name: transformers", "pipeline_tag: text-generation", "tags:", "- lmtk", "- fsdp"]
+    if not Path(base).exists():
+        lines.append(f"base_model: {json.dumps(base)}")
+    return "\n".join(lines)
 
+
+def model_card(record: dict[str, Any], *, architecture: str) -> str:
     base = record["base_model"]
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["lmtk", "fsdp"],
-        base_model=base if not Path(base).exists() else None,
-    )
     meta = record["metadata"]
     trained = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "step", "iteration") if k in meta) or "not recorded"
     if "progress_from" in meta:
@@ -68,7 +68,7 @@ def model_card(record: dict[str, Any], *, architecture: str) -> str:
                f"against the source in float32 (tolerance {verify['tolerance']:.3g})")
     name = Path(record["source"]).name
     return f"""---
-{data.to_yaml()}
+{_front_matter(base)}
 ---
 
 # {name}

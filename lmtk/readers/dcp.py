@@ -1,9 +1,8 @@
 """torch.distributed.checkpoint directories: ``.metadata`` plus ``__R_S.distcp`` files.
 
-``.metadata`` is a pickle; DCP's own reader unpickles it with no restriction, so a crafted file
-could run code. We unpickle it with an allow-list of DCP's metadata classes, and read each tensor
-chunk straight from the byte range the metadata points to. Non-tensor entries (optimizer
-hyper-parameters, counters) are never unpickled.
+``.metadata`` is read by an allow-list (``lmtk.readers.dcp_metadata``); each tensor chunk is read
+straight from the byte range the metadata points to. Non-tensor entries (optimizer hyper-parameters,
+counters) are never unpickled.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,76 +21,14 @@ from torch import _weights_only_unpickler
 from lmtk.errors import ConversionError, listing
 from lmtk.layouts import DCP_METADATA as METADATA
 from lmtk.readers.base import SourceInfo, TensorSpec
+from lmtk.readers.dcp_metadata import read_metadata
 from lmtk.readers.full import STATE_DICT_KEYS
 
 log = logging.getLogger(__name__)
 
-_DCP = "torch.distributed.checkpoint"
-ALLOWED_GLOBALS = {
-    (f"{_DCP}.metadata", name)
-    for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    (f"{_DCP}.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-}
 # Roots that hold training state, not the model: skipped when no model root is found.
 NON_MODEL_ROOTS = ("optimizer", "optim", "optimizers", "lr_scheduler", "scheduler", "dataloader", "rng", "extra_state",
                    "train_state")
-
-
-class _ForeignStorageInfo:
-    """Another codebase's copy of DCP's storage record (OLMo-core pickles its own ``_StorageInfo``).
-
-    Accepted by name, never imported: built from its fields alone, which must be exactly DCP's.
-    """
-
-    FIELDS = {"relative_path": str, "offset": int, "length": int}
-
-    def __setstate__(self, state: Any) -> None:
-        if not isinstance(state, dict) or set(state) != set(self.FIELDS) or not all(
-                type(state[k]) is t for k, t in self.FIELDS.items()):
-            raise pickle.UnpicklingError(f"a storage record shaped {state!r:.80}, not DCP's (relative_path, offset, length)")
-        self.relative_path, self.offset, self.length = state["relative_path"], state["offset"], state["length"]
-        self.transform_descriptors = None
-
-
-# Codebases that write DCP's layout with their own metadata classes: (module, name) -> the stand-in.
-FOREIGN_GLOBALS = {("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"): _ForeignStorageInfo}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if (module, name) in FOREIGN_GLOBALS:
-            return FOREIGN_GLOBALS[module, name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
-
-
-def read_metadata(path: Path) -> Any:
-    file = path / METADATA
-    if not file.is_file():
-        raise ConversionError(path, "incomplete DCP checkpoint: no .metadata file (the save did not finish?)")
-    try:
-        with open(file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise ConversionError(file, f"refused to unpickle: {e}") from e
-    except Exception as e:
-        raise ConversionError(file, f"unreadable DCP metadata ({type(e).__name__}: {e})") from e
-    if type(metadata).__name__ != "Metadata" or not hasattr(metadata, "state_dict_metadata"):
-        raise ConversionError(file, f"holds a {type(metadata).__name__}, not DCP metadata")
-    return metadata
 
 
 def model_entries(names: list[str]) -> tuple[dict[str, str], str]:
@@ -120,6 +58,7 @@ class DcpReader:
         log.info("%s: %d model tensors under %r; %d other entries skipped", path, len(self._names), root, skipped)
         self._by_model_name = {m: fqn for fqn, m in self._names.items()}
         self._mapped: dict[Path, torch.UntypedStorage] = {}
+        self._files: dict[Path, BinaryIO] = {}
         self.info = SourceInfo(layout="dcp", files=[path / METADATA, *files], location=root)
 
     def _check_files(self, storage_data: dict[Any, Any]) -> list[Path]:
@@ -167,20 +106,18 @@ class DcpReader:
         return [(tuple(index.offset), self._load_chunk(info, fqn)) for index, info in self._storage[fqn]]
 
     def _load_chunk(self, info: Any, fqn: str) -> torch.Tensor:
-        """One chunk, memory-mapped: each is a ``torch.save`` archive inside the .distcp file."""
+        """One chunk, memory-mapped: each is a small ``torch.save`` archive inside the .distcp file."""
         file = self.path / info.relative_path
         if getattr(info, "transform_descriptors", None):
             raise ConversionError(file, f"{fqn} is stored with transforms {info.transform_descriptors}; not supported")
         if file not in self._mapped:
             self._mapped[file] = torch.UntypedStorage.from_file(str(file), False, file.stat().st_size)
-        window = self._mapped[file][info.offset : info.offset + info.length]
+            self._files[file] = open(file, "rb")
         try:
-            with open(file, "rb") as f:
-                archive = torch._C.PyTorchFileReader(_FileSlice(f, info.offset, info.length))
-                # torch.load(mmap=True) does exactly this for a whole file; here the archive is a slice.
-                tensor = torch.serialization._load(
-                    archive, "cpu", _weights_only_unpickler, overall_storage=window, encoding="utf-8"
-                )
+            archive = torch._C.PyTorchFileReader(_FileSlice(self._files[file], info.offset, info.length))
+            tensor = _chunk_view(archive, self._mapped[file], info)
+            if tensor is None:
+                tensor = _load_archive(archive, self._mapped[file], info)
         except Exception as e:
             raise ConversionError(file, f"corrupt chunk of {fqn} ({type(e).__name__})") from e
         if not isinstance(tensor, torch.Tensor):
@@ -188,8 +125,61 @@ class DcpReader:
         return tensor
 
     def close(self) -> None:
-        self._storage = {}
-        self._mapped = {}
+        for f in self._files.values():
+            f.close()
+        self._storage, self._mapped, self._files = {}, {}, {}
+
+
+# The storage classes torch.save names a tensor's storage by.
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+class _TensorPickle(pickle.Unpickler):
+    """A chunk's ``data.pkl``: one ``_rebuild_tensor_v2`` call, read as what it describes, nothing run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _described
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return pid  # ("storage", dtype, key, location, numel)
+
+
+def _described(storage: Any, offset: int, size: Any, stride: Any, *rest: Any) -> tuple[Any, int, tuple[int, ...], tuple[int, ...]]:
+    return storage, offset, tuple(size), tuple(stride)
+
+
+def _chunk_view(archive: Any, mapped: torch.UntypedStorage, info: Any) -> torch.Tensor | None:
+    """The chunk as a view of the mapped file, its place read off the archive's directory (a fast path);
+    None when the archive holds anything but one plain tensor."""
+    try:
+        storage, offset, size, stride = _TensorPickle(io.BytesIO(archive.get_record("data.pkl"))).load()
+        kind, dtype, key, _, numel = storage
+    except (pickle.UnpicklingError, TypeError, ValueError):
+        return None
+    if kind != "storage" or not isinstance(dtype, torch.dtype):
+        return None
+    start = info.offset + archive.get_record_offset(f"data/{key}")
+    nbytes = int(numel) * dtype.itemsize
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # the last element's index (an empty tensor has none)
+    if start + nbytes > info.offset + info.length or (0 not in size and last >= numel):
+        raise ValueError(f"a tensor of {list(size)} does not fit its {numel}-element storage")
+    return torch.empty(0, dtype=dtype).set_(mapped[start : start + nbytes], offset, size, stride)
+
+
+def _load_archive(archive: Any, mapped: torch.UntypedStorage, info: Any) -> Any:
+    """What torch.load(mmap=True, weights_only=True) reads from a whole file, here from the chunk's slice."""
+    window = mapped[info.offset : info.offset + info.length]
+    return torch.serialization._load(archive, "cpu", _weights_only_unpickler, overall_storage=window, encoding="utf-8")
 
 
 class _FileSlice(io.RawIOBase):
