@@ -42,6 +42,8 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
     root = Path(options.checkpoint_path)
     bases = _Bases(options.base_model, default=cfg.model.name_or_path)
     try:
+        if options.write_workers < 1:
+            raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
         layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
         units = _selected(discover(root, layout=layout), root=root, only=options.only)
         _refuse_output_inside(root, Path(options.output_dir))
@@ -161,7 +163,8 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
         plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
     with staged_folder(final, may_replace=may_replace) as folder:
         fetch = streamed(fetcher(reader, plan, arch), path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
-        write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name)
+        write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name,
+                            workers=options.write_workers)
         written_dtype = str(_main_dtype(plan)).removeprefix("torch.")
         base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype)
         base.save_generation_config(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,14 +109,16 @@ def _refuse_flat_params(path: Path, specs: dict[str, TensorSpec]) -> None:
 def fetcher(reader: Reader, plan: Plan, arch: Architecture) -> Callable[[str], list[torch.Tensor]]:
     """On-disk name -> its bytes as pieces; a converted group is converted once and kept only until written."""
     ready: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()  # shard files may be written by several threads
 
     def fetch(out: str) -> list[torch.Tensor]:
         sources = plan.sources[out]
         if not arch.converts or plan.naming.name == HUB:
             return reader.read_pieces(sources[0][1])  # stored as written: stream it
-        if out not in ready:
-            group = {name: reader.read(key) for name, key in sources}
-            ready.update(arch.to_disk(plan.naming, group))
-        return [ready.pop(out)]
+        with lock:
+            if out not in ready:
+                group = {name: reader.read(key) for name, key in sources}
+                ready.update(arch.to_disk(plan.naming, group))
+            return [ready.pop(out)]
 
     return fetch

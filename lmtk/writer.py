@@ -14,6 +14,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,15 +65,28 @@ def write_model_weights(
     *,
     max_shard_size: str | int,
     label: str,
+    workers: int = 1,
 ) -> list[str]:
-    """Write every tensor in ``specs`` (fetched on demand) as shards plus an index when sharded."""
+    """Write every tensor in ``specs`` (fetched on demand) as shards plus an index when sharded.
+
+    ``workers`` shard files are written at once (threads: copying, casting and fsync release the GIL).
+    """
     shards = plan_shards(specs, max_shard_size=max_shard_size)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(specs), desc=label, unit="tensor", disable=not sys.stderr.isatty(), leave=False)
+
+    def write(filename: str) -> None:
+        write_safetensors(folder / filename, {n: specs[n] for n in shards[filename]}, fetch, on_tensor=bar.update)
+
     with bar:
-        for filename, names in shards.items():
-            write_safetensors(folder / filename, {n: specs[n] for n in names}, fetch, on_tensor=bar.update)
+        if workers > 1 and len(shards) > 1:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmtk-write") as pool:
+                for done in [pool.submit(write, filename) for filename in shards]:
+                    done.result()  # the first error, after every writer stopped
+        else:
+            for filename in shards:
+                write(filename)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs.values())},

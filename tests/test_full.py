@@ -69,6 +69,28 @@ def test_sharded_output_has_an_index(gpt2: FsdpRun, tmp_path: Path) -> None:
     assert_matches_reference(folder, gpt2.reference)
 
 
+@pytest.mark.parametrize("layout", ["bare", "dcp", "ranks"])
+def test_parallel_shard_writers_write_the_same_files(llama: FsdpRun, tmp_path: Path, layout: str) -> None:
+    """convert.write_workers=3 writes each shard file as one writer does, byte for byte."""
+    folders = {}
+    for workers in (1, 3):
+        [result] = convert(tmp_path, checkpoint=llama[layout], base=llama.base, out=tmp_path / f"out{workers}",
+                           overrides=("convert.max_shard_size=20KB", f"convert.write_workers={workers}"))
+        assert result.status == "ok", result.error
+        folders[workers] = tmp_path / f"out{workers}" / layout
+    shards = sorted(p.name for p in folders[1].glob("model-*.safetensors"))
+    assert len(shards) > 3
+    for name in [*shards, "model.safetensors.index.json"]:
+        assert (folders[1] / name).read_bytes() == (folders[3] / name).read_bytes(), name
+    assert_matches_reference(folders[3], llama.reference)
+
+
+def test_no_writers_is_refused(gpt2: FsdpRun, tmp_path: Path) -> None:
+    [result] = convert(tmp_path, checkpoint=gpt2["bare"], base=gpt2.base, out=tmp_path / "out",
+                       overrides=("convert.write_workers=0",))
+    assert result.status == "failed" and result.error == "convert.write_workers: must be 1 or more, not 0"
+
+
 def test_tied_copy_that_differs_is_refused(gpt2: FsdpRun, tmp_path: Path) -> None:
     sd = torch.load(gpt2["bare"], weights_only=True)
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1

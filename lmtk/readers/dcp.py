@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +61,7 @@ class DcpReader:
         self._by_model_name = {m: fqn for fqn, m in self._names.items()}
         self._mapped: dict[Path, torch.UntypedStorage] = {}
         self._files: dict[Path, BinaryIO] = {}
+        self._opening = threading.Lock()
         self.info = SourceInfo(layout="dcp", files=[path / METADATA, *files], location=root)
 
     def _check_files(self, storage_data: dict[Any, Any]) -> list[Path]:
@@ -110,9 +113,10 @@ class DcpReader:
         file = self.path / info.relative_path
         if getattr(info, "transform_descriptors", None):
             raise ConversionError(file, f"{fqn} is stored with transforms {info.transform_descriptors}; not supported")
-        if file not in self._mapped:
-            self._mapped[file] = torch.UntypedStorage.from_file(str(file), False, file.stat().st_size)
-            self._files[file] = open(file, "rb")
+        with self._opening:  # shard files may be written by several threads
+            if file not in self._mapped:
+                self._files[file] = open(file, "rb")
+                self._mapped[file] = torch.UntypedStorage.from_file(str(file), False, file.stat().st_size)
         try:
             archive = torch._C.PyTorchFileReader(_FileSlice(self._files[file], info.offset, info.length))
             tensor = _chunk_view(archive, self._mapped[file], info)
@@ -204,8 +208,7 @@ class _FileSlice(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")[: max(self._length - self._pos, 0)]
-        self._file.seek(self._start + self._pos)
-        n = self._file.readinto(view) or 0
+        n = os.preadv(self._file.fileno(), [view], self._start + self._pos)  # no shared file position: thread-safe
         self._pos += n
         return n
 
