@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 # What one run can save; see ``_save`` for what each one is.
-LAYOUTS = ("bare", "wrapped", "prefixed", "ddp", "dcp", "ranks", "pytorch_model_fsdp_0")
+LAYOUTS = ("bare", "wrapped", "prefixed", "ddp", "dcp", "ranks", "pytorch_model_fsdp_0", "hf_shards")
 FAMILIES = ("gpt2", "llama")
 VOCAB_SIZE = 512
 CORPUS = (
@@ -245,6 +245,12 @@ def _save(layout: str, model: Any, optimizer: Any, *, rank: int, world_size: int
         dcp.save(state, checkpoint_id=out / "dcp")
     elif layout == "pytorch_model_fsdp_0":  # Accelerate's SHARDED_STATE_DICT save: the model alone
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=out / layout)
+    elif layout == "hf_shards":  # torch's DCP HuggingFace storage: each rank's slices as safetensors
+        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+        tied = set(getattr(model, "all_tied_weights_keys", None) or ())  # safetensors refuses shared tensors
+        writer = HuggingFaceStorageWriter(str(out / layout), save_distributed=True)
+        dcp.save({k: v for k, v in get_model_state_dict(model).items() if k not in tied}, storage_writer=writer)
     elif layout == "ranks":  # one torch.save per rank of DTensor shards, as verl writes them
         folder = out / "ranks"
         folder.mkdir(exist_ok=True)

@@ -52,7 +52,7 @@ def fsdp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Fsd
         if key not in runs:
             root = tmp_path_factory.mktemp(f"fsdp-{family}-ws{world_size}")
             base = make_base_folder(root / "base", family)
-            layouts = LAYOUTS if world_size == 2 else ("dcp", "ranks")
+            layouts = LAYOUTS if world_size == 2 else ("dcp", "ranks", "hf_shards")
             checkpoints = save_checkpoints(
                 base, root / "checkpoints", reference=root / "reference.pt", world_size=world_size, layouts=layouts
             )

@@ -16,7 +16,7 @@ from helpers import FsdpRun, assert_matches_reference, convert
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("layout", ["dcp", "ranks"])
+@pytest.mark.parametrize("layout", ["dcp", "ranks", "hf_shards"])
 def test_sharded_layouts_convert_exactly(
     fsdp: Callable[..., FsdpRun], tmp_path: Path, family: str, world_size: int, layout: str
 ) -> None:
