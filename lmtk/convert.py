@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -157,14 +158,17 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
 
     arch = base.architecture
     naming, reader, plan = choose(reader, arch, namings, config=base.config_dict)
-    _check_tied(reader, plan)
     dtype = _target_dtype(options.dtype, base.config_dict)
     if dtype is not None:
         plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
-    with staged_folder(final, may_replace=may_replace) as folder:
+    with ThreadPoolExecutor(1, thread_name_prefix="lmtk-tied") as side, \
+            staged_folder(final, may_replace=may_replace) as folder:
+        # Tied copies are compared while the weights are written: the folder is kept only if they are equal.
+        tied = side.submit(_check_tied, reader, plan)
         fetch = streamed(fetcher(reader, plan, arch), path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
         write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name,
                             workers=options.write_workers)
+        tied.result()
         written_dtype = str(_main_dtype(plan)).removeprefix("torch.")
         base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype)
         base.save_generation_config(folder)

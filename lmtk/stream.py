@@ -19,7 +19,9 @@ BLOCK = 1 << 22  # elements per block: 16 MB of float32
 _CHECKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmtk-check")
 
 # NaN and Inf are the values whose exponent bits are all ones; numpy checks those bits ~20x faster
-# than torch.isfinite on CPU, for bfloat16 too.
+# than torch.isfinite on CPU, for bfloat16 too. Each block is first checked whole, in one pass (about
+# twice as fast as counting); only a block that holds a NaN or Inf is counted.
+_NUMPY_FLOATS = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 _EXPONENT_BITS = {
     torch.float64: (torch.int64, 0x7FF0000000000000),
     torch.float32: (torch.int32, 0x7F800000),
@@ -64,7 +66,19 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
         return 0
     int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
     bits = tensor.detach().contiguous().reshape(-1).view(int_dtype).numpy()
-    return sum(int(np.count_nonzero((bits[i : i + BLOCK] & mask) == mask)) for i in range(0, bits.size, BLOCK))
+    count = 0
+    for i in range(0, bits.size, BLOCK):
+        block = bits[i : i + BLOCK]
+        if not _all_finite(block, tensor.dtype, mask):
+            count += int(np.count_nonzero((block & mask) == mask))
+    return count
+
+
+def _all_finite(bits: np.ndarray, dtype: torch.dtype, mask: int) -> bool:
+    if dtype in _NUMPY_FLOATS:
+        return bool(np.isfinite(bits.view(_NUMPY_FLOATS[dtype])).all())
+    # bfloat16, which numpy lacks: the largest magnitude's bits must stay below the all-ones exponent.
+    return bits.size == 0 or int(np.max(bits.view(np.uint16) & 0x7FFF)) < mask
 
 
 def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
