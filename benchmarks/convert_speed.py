@@ -34,7 +34,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +55,10 @@ TINY = {
     "hf_shards": (REPO / "tests/trainers/torch_hf_sharded/run/step-2", REPO / "tests/trainers/base"),
 }
 CONSOLIDATE = """
-import json, sys
+import json, os, sys
 from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
 src, out, mapping, threads = sys.argv[1:]
+os.makedirs(out, exist_ok=True)
 consolidate_safetensors_files(src, out, json.loads(open(mapping).read()), num_threads=int(threads))
 """
 
@@ -250,24 +250,38 @@ def durable_copy(source: Path, out: Path) -> list[str]:
 
 
 class Bench:
-    def __init__(self, work: Path, repeats: int, caches: list[str]) -> None:
+    def __init__(self, work: Path, repeats: int, caches: list[str], *, resume: bool) -> None:
         self.work, self.repeats, self.caches = work, repeats, caches
         self.out = work / "out"
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMTK_CACHE": str(work / "lmtk-cache")}
+        # Every sample is saved as it is taken; --resume takes up where a stopped run left off.
+        self.saved = work / "samples.json"
         self.samples: dict[tuple[str, ...], list[Sample]] = {}
+        if resume and self.saved.exists():
+            self.samples = {tuple(k.split(" | ")): [Sample(**s) for s in v]
+                            for k, v in json.loads(self.saved.read_text()).items()}
 
-    def run(self, key: tuple[str, ...], command: list[str], *, cache: str, inputs: list[Path]) -> Sample:
+    def run(self, key: tuple[str, ...], command: list[str], *, cache: str, inputs: list[Path]) -> Sample | None:
+        if len(self.samples.get(key, [])) >= self.repeats:
+            return None  # taken already (--resume)
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True)
         sample = measure(command, env=self.env, cache=cache, inputs=inputs)
         self.samples.setdefault(key, []).append(sample)
+        self.saved.write_text(json.dumps({" | ".join(k): [s.__dict__ for s in v] for k, v in self.samples.items()}))
         print(f"{' | '.join(key)}: {sample.seconds:.2f}s anon {sample.peak_anon / 2**20:.0f} MiB "
               f"dirty {sample.peak_dirty / 2**20:.0f} MiB cores {sample.cpu / sample.seconds:.2f}", flush=True)
         shutil.rmtree(self.out, ignore_errors=True)
         return sample
 
+    def done(self, *keys: tuple[str, ...]) -> bool:
+        return all(len(self.samples.get(key, [])) >= self.repeats for key in keys)
+
     def routes(self, size: str, route: str, base: Path, path: Path) -> None:
         """lmtk on the route, the same route on a tiny checkpoint, and cp + fsync of the same bytes."""
+        self.samples[(size, route, "bytes")] = [Sample(float(_bytes(path)))]
+        if self.done(*[(size, route, c, m) for c in self.caches for m in ("lmtk", "tiny", "floor")]):
+            return
         tiny, tiny_base = TINY[route]
         measure(lmtk(tiny, tiny_base, self.out), env=self.env, cache="warm", inputs=[])  # fill the caches
         measure(lmtk(path, base, self.out), env=self.env, cache="warm", inputs=[])
@@ -276,7 +290,6 @@ class Bench:
                 self.run((size, route, cache, "lmtk"), lmtk(path, base, self.out), cache=cache, inputs=[path])
                 self.run((size, route, cache, "tiny"), lmtk(tiny, tiny_base, self.out), cache=cache, inputs=[tiny])
                 self.run((size, route, cache, "floor"), durable_copy(path, self.out), cache=cache, inputs=[path])
-        self.samples[(size, route, "bytes")] = [Sample(float(_bytes(path)))]
 
     def baselines(self, base: Path, paths: dict[str, Path]) -> None:
         mapping = self.work / "774m" / "fqn_to_index.json"
@@ -446,9 +459,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lmtk-bench"))
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--keep-7b", action="store_true", help="keep the 7B checkpoints (about 54 GB) for a rerun")
+    parser.add_argument("--resume", action="store_true", help="keep the samples of a run that stopped, take the rest")
     args = parser.parse_args()
     sizes, routes, sections = args.sizes.split(","), tuple(args.routes.split(",")), args.sections.split(",")
-    bench = Bench(args.work, args.repeats, args.cache.split(","))
+    bench = Bench(args.work, args.repeats, args.cache.split(","), resume=args.resume)
     if "774m" in sizes:
         base, paths = build_gpt2("774m", args.work, ROUTES)
         if "routes" in sections:
@@ -460,6 +474,9 @@ def main() -> None:
             bench.workers(base, paths["pth"])
     if "7b" in sizes and "routes" in sections:
         for route in routes:  # one at a time: each is 13.5 GB
+            keys = [("7b", route, c, m) for c in bench.caches for m in ("lmtk", "tiny", "floor")]
+            if bench.done(*keys):
+                continue
             base, path = build_7b(route, args.work)
             bench.routes("7b", route, base, path)
             if not args.keep_7b:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from lmtk.prefetch import prefetch_checkpoints
 
 log = logging.getLogger("lmtk")
 _STARTED = time.time()
+_SINGLE_RUN = False  # set once the config says so: only then does the process end without teardown
 
 register_configs()
 
@@ -36,6 +38,8 @@ def main(dict_cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    global _SINGLE_RUN
+    _SINGLE_RUN = not multirun
     if cfg.sweep is not None and not multirun:
         # Without --multirun Hydra ignores the sweep, and the job would convert the default checkpoint_path.
         log.error("sweep=%s runs one job per checkpoint: add --multirun (-m)", hydra_cfg.runtime.choices.sweep)
@@ -43,7 +47,7 @@ def main(dict_cfg: DictConfig) -> None:
 
     if cfg.task is Task.convert:
         # The disk starts reading the checkpoints while torch and transformers are imported.
-        prefetch_checkpoints(Path(cfg.convert.checkpoint_path))
+        prefetch_checkpoints(Path(cfg.convert.checkpoint_path), only=cfg.convert.only)
         from lmtk.convert import run_convert
 
         results = run_convert(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
@@ -65,5 +69,22 @@ def _started(sweep_dir: Path | None) -> float:
         return _STARTED
 
 
+def _exit_now(code: int) -> None:
+    """End a single run without tearing the interpreter down: everything is written and fsynced by now, and
+    torch's teardown of the ops it registered takes up to 2 s. (A sweep ends the usual way: its launcher
+    may own worker processes.)"""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if not _SINGLE_RUN or not isinstance(e.code, int | None):
+            raise
+        _exit_now(e.code or 0)
+    if _SINGLE_RUN:
+        _exit_now(0)

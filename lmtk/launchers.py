@@ -124,9 +124,10 @@ def _wait(jobs: list[Any]) -> None:
     """
     pending = list(jobs)
     while pending:
-        watcher = getattr(pending[0], "watcher", None)
-        if watcher is not None and hasattr(watcher, "update"):
-            watcher.update()
+        try:  # one sacct call for every job (local jobs need none: their processes are watched directly)
+            pending[0].watcher.update()
+        except (AttributeError, NotImplementedError):
+            pass
         pending = [job for job in pending if not job.done()]
         if pending:
             time.sleep(_POLL_S)

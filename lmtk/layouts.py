@@ -55,3 +55,12 @@ def output_stem(name: str) -> str:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def data_files(path: Path, layout: str) -> list[Path]:
+    """The files a checkpoint's reader will read (its model's rank files, not the optimizer's)."""
+    if path.is_file():
+        return [path]
+    patterns = {"dcp": (DCP_METADATA, "*.distcp"), "ranks": ("model_world_size_*_rank_*.pt",),
+                "hf_shards": ("shard-*.safetensors",), "safetensors": ("model*.safetensors",)}.get(layout, ())
+    return sorted({p for pattern in patterns for p in path.glob(pattern) if p.is_file()})

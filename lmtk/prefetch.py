@@ -6,6 +6,7 @@ the background (``posix_fadvise(WILLNEED)``); inputs larger than half the free m
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -27,16 +28,21 @@ def prefetch(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def prefetch_checkpoints(path: Path) -> None:
-    """``path`` and what lies up to two levels below it (a directory of checkpoint directories)."""
+def prefetch_checkpoints(path: Path, *, only: str | None = None) -> None:
+    """The first checkpoint ``path`` stands for: its reader prefetches each one it opens, later; this one
+    starts while torch is still being imported."""
+    from lmtk.discover import discover
+    from lmtk.layouts import data_files
+
+    quiet = logging.getLogger("lmtk.discover")
+    disabled, quiet.disabled = quiet.disabled, True  # discovery logs once, when the conversion runs it
     try:
-        if path.is_file():
-            prefetch([path])
-        elif path.is_dir():
-            prefetch([p for p in sorted(path.glob("*")) + sorted(path.glob("*/*")) if not p.name.startswith(".")]
-                     + sorted(path.glob(".metadata")) + sorted(path.glob("*/.metadata")))
-    except OSError:
+        first = discover(path / only if only else path)[0]
+        prefetch(data_files(first.model, first.layout))
+    except Exception:  # only a speed-up: the conversion reports whatever is wrong with the path
         pass
+    finally:
+        quiet.disabled = disabled
 
 
 def _available_memory() -> int:

@@ -73,6 +73,8 @@ def test_regular_install_finds_configs_and_example(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "lmtk/conf/config.yaml" in names and "lmtk/examples/checkpoints/dcp/.metadata" in names
     assert "lmtk/conf/sweep/checkpoints.yaml" in names and "lmtk/conf/hydra/launcher/convert_slurm.yaml" in names
+    assert "lmtk/conf/naming/torchtitan_llama3.yaml" in names and "lmtk/conf/sweep/units.yaml" in names
+    assert "hydra_plugins/lmtk_launchers/__init__.py" in names and "hydra_plugins/__init__.py" not in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)

@@ -7,6 +7,7 @@ file (a one-GPU or DDP save) is already whole.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,7 +122,7 @@ class RankShardReader:
 def _offsets(dtensor: Any, rank: int) -> dict[int, int]:
     """Tensor dim -> where this rank's piece starts, from torch.chunk's split of each sharded dim."""
     mesh = dtensor.device_mesh.mesh
-    coordinate = (mesh == rank).nonzero()[0].tolist()
+    coordinate = _coordinate(tuple(mesh.shape), tuple(mesh.flatten().tolist()), rank)
     offsets: dict[int, int] = {}
     for mesh_dim, placement in enumerate(dtensor.placements):
         if placement.is_replicate():
@@ -135,3 +136,14 @@ def _offsets(dtensor: Any, rank: int) -> dict[int, int]:
         chunk = -(-size // parts)
         offsets[dim] = min(coordinate[mesh_dim] * chunk, size)
     return offsets
+
+
+@functools.lru_cache(maxsize=64)
+def _coordinate(shape: tuple[int, ...], ranks: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """Where ``rank`` sits in the device mesh (the same for every tensor of a save: computed once)."""
+    flat = ranks.index(rank)
+    coordinate = []
+    for size in reversed(shape):
+        flat, at = divmod(flat, size)
+        coordinate.append(at)
+    return tuple(reversed(coordinate))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 import re
 import zipfile
 from collections.abc import Sequence
@@ -85,13 +86,19 @@ def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
         zipped = f.read(4) == _ZIP_MAGIC
     if zipped and not zipfile.is_zipfile(path):
         raise ConversionError(path, "truncated or corrupt file (its zip directory is missing)")
+    trusted = [(resolve_global(name), name) for name in allowed_globals]
+    try:  # most files hold tensors and plain values only: one load, no scan
+        with torch.serialization.safe_globals(trusted):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as e:
+        if not isinstance(e, pickle.UnpicklingError) and "global" not in str(e).lower():
+            raise ConversionError(path, _load_failure(e)) from e
     unknown: set[str] = set()
     if zipped:
         try:
             unknown = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception as e:  # a broken zip: torch.load below names it better
             log.debug("%s: could not list globals: %s", path, e)
-    trusted = [(resolve_global(name), name) for name in allowed_globals]
     for _ in range(64):  # each round learns the globals the last one stopped at
         _refuse_code(path, unknown - set(allowed_globals))
         inert = [(_placeholder(name), name) for name in sorted(unknown - set(allowed_globals))]
