@@ -167,3 +167,13 @@ def test_one_rank_file_alone_says_to_convert_the_directory(gpt2: FsdpRun, tmp_pa
     rank_file = gpt2["ranks"] / "model_world_size_2_rank_0.pt"
     [result] = convert(tmp_path, checkpoint=rank_file, base=gpt2.base, out=tmp_path / "out")
     assert result.status == "failed" and "one rank's file" in result.error, result.error
+
+
+def test_an_hf_model_saved_at_the_top_of_a_dcp_checkpoint_keeps_every_tensor(llama: FsdpRun, tmp_path: Path) -> None:
+    """``dcp.save(model.state_dict())``: ``model.*`` beside ``lm_head.weight`` is not a ``model`` root."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(torch.load(llama["bare"], weights_only=True), checkpoint_id=tmp_path / "top")
+    [result] = convert(tmp_path, checkpoint=tmp_path / "top", base=llama.base, out=tmp_path / "out")
+    assert result.status == "ok", result.error
+    assert_matches_reference(tmp_path / "out" / "top", llama.reference)

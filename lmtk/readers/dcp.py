@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,18 +29,23 @@ from lmtk.readers.full import STATE_DICT_KEYS
 
 log = logging.getLogger(__name__)
 
-# Roots that hold training state, not the model: skipped when no model root is found.
-NON_MODEL_ROOTS = ("optimizer", "optim", "optimizers", "lr_scheduler", "scheduler", "dataloader", "rng", "extra_state",
-                   "train_state")
+# Roots that hold training state, not the model (optimizer_0, ... as Lightning numbers them).
+NON_MODEL_ROOT = re.compile(r"^(optimizer|optim|optimizers|lr_scheduler|scheduler|dataloader|rng|extra_state|"
+                            r"train_state)(_\d+)?$")
 
 
 def model_entries(names: list[str]) -> tuple[dict[str, str], str]:
-    """Checkpoint name -> model name, and the root the model sat under ("" when at the top)."""
+    """Checkpoint name -> model name, and the root the model sat under ("" when at the top).
+
+    A root (``model``, ``app.model``, ...) counts only when everything else is training state: an HF model
+    saved at the top has ``model.*`` beside ``lm_head.weight``.
+    """
+    state = {n for n in names if NON_MODEL_ROOT.match(n.removeprefix("app.").split(".")[0])}
     for root in STATE_DICT_KEYS + tuple(f"app.{k}" for k in STATE_DICT_KEYS):
         found = {n: n[len(root) + 1 :] for n in names if n.startswith(root + ".")}
-        if found:
+        if found and len(found) + len(state) == len(names):
             return found, root
-    return {n: n for n in names if n.split(".")[0] not in NON_MODEL_ROOTS}, ""
+    return {n: n for n in names if n not in state}, ""
 
 
 class DcpReader:
