@@ -45,7 +45,8 @@ GPT2 = {  # GPT-2 family shapes
     "774m": dict(n_embd=1280, n_layer=36, n_head=20),
 }
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+                num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                max_position_embeddings=4096)
 ROUTES = ("pth", "dcp", "ranks", "hf_shards")
 # The tiny checkpoint of each route, for the fixed cost: (checkpoint, base).
 TINY = {
