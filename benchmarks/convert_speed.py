@@ -295,7 +295,8 @@ class Bench:
     def baselines(self, base: Path, paths: dict[str, Path]) -> None:
         mapping = self.work / "774m" / "fqn_to_index.json"
         mapping.write_text(json.dumps({name: 1 for name in _tensor_names(paths["hf_shards"])}))
-        accelerate = shutil.which("accelerate") or "accelerate"
+        beside = Path(sys.executable).with_name("accelerate")  # the venv's, also when it is not activated
+        accelerate = str(beside) if beside.exists() else shutil.which("accelerate") or "accelerate"
         for _ in range(self.repeats):
             for cache in self.caches:
                 self.run(("774m", "dcp", cache, "accelerate merge-weights"),
