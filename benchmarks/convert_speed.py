@@ -367,10 +367,11 @@ def _cores(runs: list[Sample]) -> str:
 
 
 def report(samples: dict[tuple[str, ...], list[Sample]], *, repeats: int) -> str:
+    counts = ", ".join(sorted({f"{len(v)} at {k[0]}" for k, v in samples.items() if len(k) == 4}))
     lines = [
         "# lmtk conversion benchmark", "",
-        f"Machine: {machine()}. Median of {repeats} interleaved runs per row, each a whole process (start-up "
-        "included); min-max in brackets. cold: page cache dropped before every run; warm: inputs read into the "
+        f"Machine: {machine()}. Median of the interleaved runs of each row ({counts}), each a whole process "
+        "(start-up included); min-max in brackets. cold: page cache dropped before every run; warm: inputs read into the "
         "cache first. Fixed: the same route on a tiny checkpoint. Marginal: the rest, against cp + fsync of the "
         "same bytes (the floor: lmtk fsyncs what it writes). Peak anon: memory the process holds (not the page "
         "cache behind its memory-mapped inputs); dirty: the machine's dirty + writeback page cache above its "
