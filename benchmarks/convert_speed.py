@@ -325,6 +325,7 @@ class Bench:
             (folder / f"step-{i:02d}.pth").symlink_to(pth)
         sweep = ["--multirun", "sweep=checkpoints", f"sweep.glob={folder}/step-*.pth", f"convert.base_model={base}",
                  f"convert.output_dir={self.out}", f"hydra.sweep.dir={self.out}/sweep", "convert.overwrite=true"]
+        measure(lmtk(pth, base, self.out), env=self.env, cache="warm", inputs=[])  # fill the caches
         for _ in range(self.repeats):
             self.run(("124m", "pth", "warm", "one conversion"), lmtk(pth, base, self.out), cache="warm", inputs=[pth])
             self.run(("124m", "pth", "warm", "multirun of 10, basic launcher"),
