@@ -1,4 +1,6 @@
-"""Generate the OLMo-core fixture (VARIANT below) with OLMo-core's own Trainer + checkpointer.
+"""Generate an OLMo-core fixture with OLMo-core's own Trainer + checkpointer.
+
+The folder the script is run from picks VARIANT (olmo_core_olmo2/ holds a link to this file).
 
 VARIANT "olmo2": OLMo2-style block (TransformerBlockType.reordered_norm, q/k norms), HF counterpart
 Olmo2Config (the config is produced by OLMo-core's own ``get_hf_config``); OLMo-core's
@@ -52,11 +54,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-VARIANT = "llama"
 VOCAB = 261
 SEQ_LEN = 16
 STEPS = (2, 4)
-HERE = Path(__file__).resolve().parent
+HERE = Path(os.path.abspath(__file__)).parent  # not resolved: olmo_core_olmo2/ links to this file
+VARIANT = HERE.name.removeprefix("olmo_core_")
+assert VARIANT in ("llama", "olmo2"), HERE
 SHARED_BASE = HERE.parent / "base"
 SCRATCH = Path(f"/tmp/olmo_core_fixture_{VARIANT}")
 
@@ -287,7 +290,7 @@ def main():
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(Path(__file__).resolve()), "--train",
+        os.path.abspath(__file__), "--train",
     ]  # fmt: skip
     subprocess.run(cmd, cwd=HERE, env=env, check=True)  # cwd: tokenizer identifier "base"
 

@@ -1,6 +1,6 @@
 """Fixture generator: torch's own DCP HuggingFace storage writer (FSDP2, 2 gloo CPU ranks).
 
-MODE = "sharded":
+MODE, from the folder the script is run from (torch_hf_consolidated/ holds a link to this file):
   - "sharded":      HuggingFaceStorageWriter(save_distributed=True), no consolidation
                     -> run/step-N/shard-0000R-model-0000F-of-00002.safetensors (one per rank and output file,
                        each holding that rank's local DTensor slices + DCP_SHARDING_INFO in __metadata__)
@@ -30,6 +30,7 @@ Made with the repository's dev venv (/work/main/.venv, which has exactly those v
 Run (from the repository root; deletes and recreates run/ and reference.pt next to this file;
 about 30 s of CPU, 100-110 s wall on a busy 2-core machine):
     HF_HUB_OFFLINE=1 /work/main/.venv/bin/python tests/trainers/torch_hf_sharded/make_fixture.py
+    HF_HUB_OFFLINE=1 /work/main/.venv/bin/python tests/trainers/torch_hf_consolidated/make_fixture.py
 """
 
 import os
@@ -48,10 +49,9 @@ from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, Hu
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-MODE = "sharded"
-assert MODE in ("sharded", "consolidated")
-
-HERE = Path(__file__).resolve().parent
+HERE = Path(os.path.abspath(__file__)).parent  # not resolved: torch_hf_consolidated/ links to this file
+MODE = HERE.name.removeprefix("torch_hf_")
+assert MODE in ("sharded", "consolidated"), HERE
 BASE = HERE.parent / "base"
 RUN = HERE / "run"
 WORLD = 2

@@ -1,6 +1,6 @@
 """Generate the torchtitan Llama3 fixture: checkpoints written by torchtitan's own CheckpointManager.
 
-The same file serves two fixture folders; the folder name picks the variant:
+The same file serves two fixture folders (the _tied one holds a link to it); the folder name picks the variant:
   tests/trainers/torchtitan_llama3/       untied tok_embeddings / lm_head
   tests/trainers/torchtitan_llama3_tied/  Llama3Model.Config(enable_weight_tying=True)
 
@@ -88,7 +88,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(os.path.abspath(__file__)).parent  # not resolved: the _tied folder links to this file
 TIED = HERE.name.endswith("_tied")
 BASE = HERE.parent / "base"  # tests/trainers/base: tokenizer (vocab 261)
 RUN = HERE / "run"
