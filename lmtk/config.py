@@ -105,7 +105,8 @@ class ConvertConfig:
     output_dir: str = "${paths.converted}"
     # A shard never exceeds this size unless one tensor does (huggingface_hub's rule).
     max_shard_size: str = "5GB"
-    # Shard files written at once; 1 measured fastest on a 2-core machine with one disk (benchmarks/).
+    # Shard files written at once; on a 2-core machine with one disk more workers gained less than the noise
+    # (benchmarks/results.md), so one is the default.
     write_workers: int = 1
     # Reconvert even when a finished output of lmtk's matches the source (a changed source always is).
     overwrite: bool = False
