@@ -41,6 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 GPT2 = {  # GPT-2 family shapes
+    "tiny": dict(n_embd=64, n_layer=2, n_head=2),  # accelerate's fixed cost (it needs a model-only DCP)
     "124m": dict(n_embd=768, n_layer=12, n_head=12),
     "774m": dict(n_embd=1280, n_layer=36, n_head=20),
 }
@@ -48,6 +49,7 @@ LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num
                 num_attention_heads=32, num_key_value_heads=32, head_dim=128,
                 max_position_embeddings=4096)
 ROUTES = ("pth", "dcp", "ranks", "hf_shards")
+SETTLE = 1.0  # seconds between runs
 # The tiny checkpoint of each route, for the fixed cost: (checkpoint, base).
 TINY = {
     "pth": (REPO / "examples/checkpoints/bare.pth", REPO / "examples/tiny-gpt2"),
@@ -127,6 +129,7 @@ def warm(paths: list[Path]) -> None:
 
 def measure(command: list[str], *, env: dict[str, str], cache: str, inputs: list[Path]) -> Sample:
     drop_caches() if cache == "cold" else warm(inputs)
+    time.sleep(SETTLE)  # the disk finishes what earlier runs left (deleted outputs, journal) before this one starts
     dirty0 = _meminfo("Dirty", "Writeback")
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"lmtk-bench-{os.getpid()}.log"
     with open(log, "wb") as err:
@@ -300,11 +303,15 @@ class Bench:
         mapping.write_text(json.dumps({name: 1 for name in _tensor_names(paths["hf_shards"])}))
         beside = Path(sys.executable).with_name("accelerate")  # the venv's, also when it is not activated
         accelerate = str(beside) if beside.exists() else shutil.which("accelerate") or "accelerate"
+        _, tiny = build_gpt2("tiny", self.work, ("dcp",))
         for _ in range(self.repeats):
             for cache in self.caches:
                 self.run(("774m", "dcp", cache, "accelerate merge-weights"),
                          [accelerate, "merge-weights", str(paths["dcp"]), str(self.out / "merged")],
                          cache=cache, inputs=[paths["dcp"]])
+                self.run(("774m", "dcp", cache, "accelerate merge-weights, tiny"),
+                         [accelerate, "merge-weights", str(tiny["dcp"]), str(self.out / "merged")],
+                         cache=cache, inputs=[tiny["dcp"]])
                 for threads in (1, 2, 4):
                     self.run(("774m", "hf_shards", cache, f"torch consolidate, {threads} threads"),
                              [sys.executable, "-c", CONSOLIDATE, str(paths["hf_shards"]), str(self.out / "merged"),
@@ -394,7 +401,8 @@ def report(samples: dict[tuple[str, ...], list[Sample]], *, repeats: int) -> str
             f"{_med(runs):.2f} [{_spread(runs)}] | {_med(tiny):.2f} | {marginal:.2f} | {_med(floor):.2f} "
             f"[{_spread(floor)}] | **{marginal / _med(floor):.2f}** | {_mib(runs, 'peak_anon')} | "
             f"{_mib(runs, 'peak_rss')} | {_mib(runs, 'peak_dirty')} | {_cores(runs)} |")
-    others = [k for k in samples if len(k) == 4 and k[3] not in ("lmtk", "tiny", "floor")]
+    others = [k for k in samples if len(k) == 4 and k[3] not in ("lmtk", "tiny", "floor")
+              and not k[3].endswith(", tiny")]
     if others:
         lines += ["", "## Against other tools, write workers, sweeps", "",
                   "| size | route | cache | method | wall (s) | vs lmtk | peak anon (MiB) | cores |",
@@ -415,7 +423,28 @@ def report(samples: dict[tuple[str, ...], list[Sample]], *, repeats: int) -> str
             per_gb = (_med(samples[("124m", "pth", "warm", method)]) - fixed) / (10 * gb)
             lines[-1] += f"; {method} {per_gb:.2f}"
         lines[-1] += "."
+    lines += _against_accelerate(samples)
     return "\n".join(lines) + "\n"
+
+
+def _against_accelerate(samples: dict[tuple[str, ...], list[Sample]]) -> list[str]:
+    """DCP: lmtk over accelerate merge-weights, whole runs and start-up excluded, and the copy floor's own ratio."""
+    lines = []
+    for cache in ("warm", "cold"):
+        key = ("774m", "dcp", cache)
+        names = ("lmtk", "tiny", "floor", "accelerate merge-weights", "accelerate merge-weights, tiny")
+        if not all((*key, n) in samples for n in names):
+            continue
+        ours, our_fixed, floor, theirs, their_fixed = (_med(samples[(*key, n)]) for n in names)
+        if not lines:
+            lines += ["", "DCP against accelerate merge-weights (774M): lmtk's time over accelerate's for whole runs, "
+                      "for the bytes alone (each tool's run on a tiny DCP checkpoint subtracted), and cp + fsync of "
+                      "the same bytes over accelerate's whole run (what any tool that writes them durably needs)."]
+        lines.append(f"- {cache}: whole {ours / theirs:.2f}x ({ours:.2f} s / {theirs:.2f} s); bytes alone "
+                     f"{(ours - our_fixed) / (theirs - their_fixed):.2f}x ({ours - our_fixed:.2f} s / "
+                     f"{theirs - their_fixed:.2f} s; start-up {our_fixed:.2f} s / {their_fixed:.2f} s); "
+                     f"cp + fsync {floor / theirs:.2f}x.")
+    return lines
 
 
 def machine() -> str:
