@@ -9,7 +9,7 @@ This one script writes five sibling fixture folders (each: run/ + reference.pt):
   accelerate_fsdp2_sharded/  plain accelerate loop, FSDP2, SHARDED_STATE_DICT, accelerator.save_state() twice
                              (ProjectConfiguration(automatic_checkpoint_naming=True) -> run/checkpoints/checkpoint_{0,1})
 
-The other folders' make_fixture.py only point here (and run this script for their variant).
+The other folders' make_fixture.py are links here: run through one, the script writes that folder only.
 
 Versions used (pip freeze, CPU-only machine, Python 3.11.7):
   torch==2.13.0+cpu  transformers==5.24.0  accelerate==1.15.0  safetensors==0.8.0
@@ -20,7 +20,7 @@ Recreate the venv and run (from the repo root; takes about 2.5-4 minutes for all
   /work/venvs/hf/bin/pip install torch==2.13.0          # first: the local CPU build
   /work/venvs/hf/bin/pip install transformers==5.24.0 accelerate==1.15.0
   HF_HUB_OFFLINE=1 /work/venvs/hf/bin/python tests/trainers/hf_trainer_fsdp2_sharded/make_fixture.py [VARIANT ...]
-(no VARIANT = all five).
+(no VARIANT = all five; tests/trainers/VARIANT/make_fixture.py = that one).
 
 Each run: LlamaForCausalLM from ../base/config.json (seeded init, fp32), tokenizer ../base passed as
 processing_class, random-token dataset (32 x 16 tokens), AdamW lr 1e-2 with linear decay, 2 ranks x batch 2,
@@ -317,7 +317,9 @@ def main(names):
 
 
 if __name__ == "__main__":
-    chosen = sys.argv[1:] or list(VARIANTS)
+    # Run through a sibling folder's link, the folder names the variant; run here, no argument means all five.
+    linked = os.path.basename(HERE) != os.path.basename(os.path.dirname(os.path.realpath(__file__)))
+    chosen = sys.argv[1:] or ([os.path.basename(HERE)] if linked else list(VARIANTS))
     unknown = set(chosen) - set(VARIANTS)
     if unknown:
         sys.exit(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
