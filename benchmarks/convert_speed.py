@@ -377,7 +377,7 @@ def _cores(runs: list[Sample]) -> str:
     return f"{statistics.median(s.cpu / s.seconds for s in runs):.2f}"
 
 
-def report(samples: dict[tuple[str, ...], list[Sample]], *, repeats: int) -> str:
+def report(samples: dict[tuple[str, ...], list[Sample]]) -> str:
     counts = ", ".join(sorted({f"{len(v)} at {k[0]}" for k, v in samples.items() if len(k) == 4}))
     lines = [
         "# lmtk conversion benchmark", "",
@@ -520,7 +520,7 @@ def main() -> None:
     if "sweeps" in sections:
         base, paths = build_gpt2("124m", args.work, ("pth",))
         bench.sweeps(base, paths["pth"])
-    table = report(bench.samples, repeats=args.repeats)
+    table = report(bench.samples)
     (args.out / "results.md").write_text(table)
     (args.out / "results.json").write_text(json.dumps(
         {" | ".join(k): [s.__dict__ for s in v] for k, v in bench.samples.items()}, indent=1))
