@@ -47,6 +47,8 @@ class Architecture:
     # Names a checkpoint may carry that the output never has (non-persistent buffers, old rotary caches).
     droppable: frozenset[str]
     ignore_patterns: tuple[str, ...]
+    # Modules whose weight is stored [in, out] (GPT-2's Conv1D): an adapter's B·A is transposed onto them.
+    transposed: frozenset[str]
     # Builds the meta-device module, for transformers' conversion functions (only models that convert).
     model_factory: Callable[[], Any] = field(repr=False, compare=False)
     _model: Any = field(default=None, repr=False, compare=False)
@@ -73,6 +75,7 @@ class Architecture:
             ],
             "droppable": sorted(self.droppable),
             "ignore_patterns": list(self.ignore_patterns),
+            "transposed": sorted(self.transposed),
         }
 
     @classmethod
@@ -88,6 +91,7 @@ class Architecture:
             ),
             droppable=frozenset(data["droppable"]),
             ignore_patterns=tuple(data["ignore_patterns"]),
+            transposed=frozenset(data["transposed"]),
             model_factory=model_factory,
         )
 
@@ -133,6 +137,7 @@ def build_architecture(config: Any) -> Architecture:
         namings=namings,
         droppable=frozenset(buffers - state.keys()),
         ignore_patterns=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+        transposed=frozenset(name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"),
         model_factory=lambda: model,
     )
 

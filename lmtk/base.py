@@ -21,6 +21,9 @@ from typing import Any
 from lmtk import __version__
 from lmtk.architecture import Architecture, build_architecture
 from lmtk.errors import ConversionError
+from lmtk.layouts import HF_WEIGHTS_FILE
+from lmtk.readers.base import Reader
+from lmtk.readers.safetensors import INDEX, SafetensorsReader
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,23 @@ class BaseModel:
         _write_atomically(cache, json.dumps(arch.to_json()))
         return arch
 
+    def weights(self) -> Reader:
+        """The base model's own weights (safetensors, memory-mapped), for checkpoints that hold only an adapter."""
+        folder = self.folder
+        if not _has_weights(folder) and not Path(self.name_or_path).is_dir():
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(snapshot_download(self.name_or_path, allow_patterns=["*.safetensors", INDEX],
+                                                local_files_only=_offline()))
+            except Exception as e:
+                log.debug("%s: %s", self.name_or_path, e)
+        if not _has_weights(folder):
+            raise ConversionError(folder, "the base model has no safetensors weights (model.safetensors or an index), "
+                                  "and the checkpoint holds only a LoRA adapter: point convert.base_model at the "
+                                  "model the adapter was trained on, with its weights")
+        return SafetensorsReader(folder)
+
     def _architecture_key(self) -> str:
         canonical = json.dumps(self.config_dict, sort_keys=True)
         return hashlib.sha256(f"{canonical}|{version('transformers')}|{__version__}".encode()).hexdigest()[:32]
@@ -126,6 +146,10 @@ class BaseModel:
         for name in found:
             shutil.copyfile(self.folder / name, folder / name)
         return found
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / INDEX).is_file() or any(HF_WEIGHTS_FILE.match(p.name) for p in folder.iterdir())
 
 
 def _cache_dir() -> Path:

@@ -9,15 +9,14 @@ from typing import Any
 
 from lmtk import __version__
 from lmtk.discover import Unit
-from lmtk.namings import Naming
 from lmtk.output import MARKER
 from lmtk.plan import Plan
 from lmtk.readers.base import Reader
 
 
-def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str, Any], dtype: str,
-               metadata: dict[str, Any], base_model: str, base_origin: str, naming: Naming,
-               verify: dict[str, Any] | None) -> dict[str, Any]:
+def provenance(unit: Unit, reader: Reader, plan: Plan | None, *, fingerprint: dict[str, Any], dtype: str,
+               metadata: dict[str, Any], base_model: str, base_origin: str, naming: str,
+               verify: dict[str, Any] | None, warnings: list[str], adapter: dict[str, Any] | None) -> dict[str, Any]:
     info = reader.info
     return {
         "lmtk_version": __version__,
@@ -32,11 +31,13 @@ def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str,
         "base_model": base_model,
         "base_model_from": base_origin,
         "dtype": dtype,
-        "codebase_naming": naming.name,
-        "naming": plan.naming.name,
-        "renamed": plan.renamed,
-        "dropped": plan.dropped,
+        "codebase_naming": naming,
+        "naming": plan.naming.name if plan else "peft",
+        "renamed": plan.renamed if plan else {},
+        "dropped": plan.dropped if plan else [],
+        "adapter": adapter,
         "verify": verify,
+        "warnings": warnings,
         "fingerprint": fingerprint,
     }
 
@@ -47,9 +48,9 @@ def write_provenance(folder: Path, record: dict[str, Any], *, architecture: str)
     (folder / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def _front_matter(base: str) -> str:
+def _front_matter(base: str, *, library: str) -> str:
     """The card's metadata, as the hub reads it (JSON strings are YAML strings); a local base is no hub id."""
-    lines = ["library_name: transformers", "pipeline_tag: text-generation", "tags:", "- lmtk", "- fsdp"]
+    lines = [f"library_name: {library}", "pipeline_tag: text-generation", "tags:", "- lmtk", "- fsdp"]
     if not Path(base).exists():
         lines.append(f"base_model: {json.dumps(base)}")
     return "\n".join(lines)
@@ -67,31 +68,54 @@ def model_card(record: dict[str, Any], *, architecture: str) -> str:
                f"{'passed' if verify['passed'] else 'FAILED'}: max |logit diff| {verify['max_abs_diff']:.3g} "
                f"against the source in float32 (tolerance {verify['tolerance']:.3g})")
     name = Path(record["source"]).name
+    adapter = record.get("adapter")
+    peft = bool(adapter and adapter["output"] == "peft")
+    what = (f"A LoRA adapter (r {adapter['r']}, lora_alpha {adapter['lora_alpha']}, from {adapter['alpha_from']}) "
+            f"for `{architecture}`" if peft else
+            f"A `{architecture}` with its LoRA adapter merged (r {adapter['r']}, lora_alpha {adapter['lora_alpha']})"
+            if adapter else f"A `{architecture}`")
+    weights = (f"{record['dtype']}, `adapter_model.safetensors`, names as `PeftModel.save_pretrained` writes them"
+               if peft else f"{record['dtype']}, safetensors, names as `save_pretrained` writes them")
+    usage = _PEFT_USAGE.format(base=base) if peft else _USAGE
+    warnings = "".join(f"\n> **Warning**: {w}\n" for w in record.get("warnings") or [])
     return f"""---
-{_front_matter(base)}
+{_front_matter(base, library="peft" if peft else "transformers")}
 ---
 
 # {name}
 
-A `{architecture}` converted by lmtk {record['lmtk_version']} from an FSDP training checkpoint.
-
+{what} converted by lmtk {record['lmtk_version']} from an FSDP training checkpoint.
+{warnings}
 | | |
 | --- | --- |
 | source | `{record['source']}` ({record['layout']} layout{f", {record['trainer']}" if record['trainer'] else ""}) |
 | training progress | {trained} |
 | base model (config, tokenizer) | `{base}` (from {record['base_model_from']}) |
-| weights | {record['dtype']}, safetensors, names as `save_pretrained` writes them |
+| weights | {weights} |
 | names in the checkpoint | {record['codebase_naming']} ({record['naming']}) |
 | logits check | {checked} |
 | converted | {record['created']} |
 
-```python
+{usage}
+`conversion.json` lists the source files, the keys renamed and dropped, and the fingerprint that lets
+a rerun skip this folder.
+"""
+
+
+_USAGE = """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 ```
+"""
 
-`conversion.json` lists the source files, the keys renamed and dropped, and the fingerprint that lets
-a rerun skip this folder.
+_PEFT_USAGE = """```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
 """

@@ -29,7 +29,10 @@ class InitialFormat(str, Enum):
 
 
 class FinalFormat(str, Enum):
+    """``huggingface``: a model folder (a LoRA checkpoint merged into its base); ``peft``: a PEFT adapter folder."""
+
     huggingface = "huggingface"
+    peft = "peft"
 
 
 class DType(str, Enum):
@@ -92,6 +95,20 @@ class PathsConfig:
 
 
 @dataclass
+class LoraConfig:
+    """How a LoRA checkpoint's scale is known when its trainer recorded none (``lmtk.adapters``)."""
+
+    # lora_alpha; null: from the trainer's record (adapter_config.json, verl's lora_train_meta.json).
+    alpha: Optional[float] = None
+    # rsLoRA scales by alpha/sqrt(r); null: as the record says, else false.
+    use_rslora: Optional[bool] = None
+    # A peft adapter_config.json to take alpha (and the adapter folder's settings) from.
+    adapter_config: Optional[str] = None
+    # Which adapter, when the checkpoint holds several.
+    adapter_name: Optional[str] = None
+
+
+@dataclass
 class ConvertConfig:
     # Config and tokenizer: a hub id or a local folder. Unset: the checkpoint's own (verl's actor/huggingface,
     # a Trainer checkpoint's config.json) when it carries one, else model.name_or_path.
@@ -121,6 +138,7 @@ class ConvertConfig:
     verify_max_params: int = 3_000_000_000
     # Types a weights-only load refuses but you trust, e.g. ["argparse.Namespace"]; never needed for weights.
     allowed_globals: list[str] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,15 @@ from typing import Any
 import torch
 
 from lmtk import __version__
+from lmtk.adapters import (Checked, Lora, LoraScale, adapter_config, adapter_tensors, check, find_lora, merged,
+                           same_tensors, scale_of, untrained)
 from lmtk.architecture import Architecture
 from lmtk.base import BaseModel
 from lmtk.card import provenance, write_provenance
-from lmtk.config import ConvertConfig, DType, InitialFormat, LmtkConfig
+from lmtk.config import ConvertConfig, DType, FinalFormat, InitialFormat, LmtkConfig
+from lmtk.derived import CHECKPOINT, DerivedReader
 from lmtk.discover import Unit, discover
-from lmtk.errors import ConversionError
+from lmtk.errors import ConversionError, listing
 from lmtk.output import check_replaceable, fingerprint, staged_folder
 from lmtk.namings import Naming, choose, load_namings
 from lmtk.plan import Plan, fetcher
@@ -28,7 +31,7 @@ from lmtk.readers import Reader, TensorSpec, open_reader
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
 from lmtk.verify import reference_logits, verify_folder
-from lmtk.writer import write_model_weights
+from lmtk.writer import write_model_weights, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ class _Outcome:
     status: str
     bytes_written: int = 0
     verify: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float) -> Result:
@@ -138,35 +142,68 @@ def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: C
     return Result(
         checkpoint=str(unit.path), status=outcome.status, output=str(final), layout=unit.layout,  # type: ignore[arg-type]
         seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=metadata, verify=outcome.verify,
+        warnings=outcome.warnings,
     )
 
 
 def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, namings: list[Naming], final: Path,
              options: ConvertConfig, metadata: dict[str, Any], since: float) -> _Outcome:
     source = str(unit.path.resolve())
-    current = fingerprint(reader.info.files, options=_output_options(options, base=base), checksum=options.checksum)
+    adapter = _adapter(reader, unit, base=base, options=options, metadata=metadata)
+    try:
+        files = reader.info.files + (adapter.files if adapter else [])
+        current = fingerprint(files, options=_output_options(options, base=base, adapter=adapter),
+                              checksum=options.checksum)
 
-    def may_replace(folder: Path) -> dict[str, Any]:
-        return check_replaceable(folder, source=source, overwrite=options.overwrite, since=since)
+        def may_replace(folder: Path) -> dict[str, Any]:
+            return check_replaceable(folder, source=source, overwrite=options.overwrite, since=since)
 
-    if final.exists() or final.is_symlink():
-        marker = may_replace(final)
-        if marker.get("fingerprint") == current and not options.overwrite:
-            return _Outcome("skipped")
-        if marker.get("source") == source:
-            log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
+        if final.exists() or final.is_symlink():
+            marker = may_replace(final)
+            if marker.get("fingerprint") == current and not options.overwrite:
+                return _Outcome("skipped")
+            if marker.get("source") == source:
+                log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
+        arch = base.architecture
+        context = _Context(unit=unit, base=base, base_origin=base_origin, final=final, options=options,
+                           metadata=metadata, fingerprint=current, may_replace=may_replace)
+        if adapter is not None and options.final_format is FinalFormat.peft:
+            return _write_adapter(reader, adapter, arch, context)
+        if adapter is not None:
+            reader = merged(reader, adapter.lora, adapter.checked, base=adapter.base_weights)
+        return _write_model(reader, arch, namings, context, adapter=adapter)
+    finally:
+        if adapter is not None and adapter.base_weights is not None:
+            adapter.base_weights.close()
 
-    arch = base.architecture
+
+@dataclass
+class _Context:
+    """What every output format needs to know about the checkpoint and where its folder goes."""
+
+    unit: Unit
+    base: BaseModel
+    base_origin: str
+    final: Path
+    options: ConvertConfig
+    metadata: dict[str, Any]
+    fingerprint: dict[str, Any]
+    may_replace: Any
+
+
+def _write_model(reader: Reader, arch: Architecture, namings: list[Naming], ctx: _Context, *,
+                 adapter: _Adapter | None) -> _Outcome:
+    options, base = ctx.options, ctx.base
     naming, reader, plan = choose(reader, arch, namings, config=base.config_dict)
     dtype = _target_dtype(options.dtype, base.config_dict)
     if dtype is not None:
         plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
     with ThreadPoolExecutor(1, thread_name_prefix="lmtk-tied") as side, \
-            staged_folder(final, may_replace=may_replace) as folder:
+            staged_folder(ctx.final, may_replace=ctx.may_replace) as folder:
         # Tied copies are compared while the weights are written: the folder is kept only if they are equal.
         tied = side.submit(_check_tied, reader, plan)
         fetch = streamed(fetcher(reader, plan, arch), path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
-        write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=final.name,
+        write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=ctx.final.name,
                             workers=options.write_workers)
         tied.result()
         written_dtype = str(_main_dtype(plan)).removeprefix("torch.")
@@ -174,16 +211,122 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
         base.save_generation_config(folder)
         base.save_tokenizer(folder)
         verified = _verify(folder, reader, plan, arch, naming, base=base, options=options) if options.verify else None
-        record = provenance(unit, reader, plan, fingerprint=current, dtype=written_dtype, metadata=metadata,
-                            base_model=base.name_or_path, base_origin=base_origin, naming=naming, verify=verified)
+        warnings = adapter.warnings if adapter else []
+        record = provenance(ctx.unit, reader, plan, fingerprint=ctx.fingerprint, dtype=written_dtype,
+                            metadata=ctx.metadata, base_model=base.name_or_path, base_origin=ctx.base_origin,
+                            naming=naming.name, verify=verified, warnings=warnings,
+                            adapter=adapter.record("merged") if adapter else None)
         write_provenance(folder, record, architecture=arch.class_name)
-    return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified)
+    return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified, warnings)
 
 
-def _output_options(options: ConvertConfig, *, base: BaseModel) -> dict[str, Any]:
+def _write_adapter(reader: Reader, adapter: _Adapter, arch: Architecture, ctx: _Context) -> _Outcome:
+    """final_format=peft: adapter_model.safetensors and adapter_config.json as PeftModel.save_pretrained writes them."""
+    options, base = ctx.options, ctx.base
+    tensors = adapter_tensors(adapter.lora, adapter.checked, reader.specs(), base={})
+    view = DerivedReader({CHECKPOINT: reader}, tensors)
+    memory = arch.namings[0].params
+    config = adapter_config(adapter.lora, adapter.checked, adapter.scale, base_model=_base_id(base),
+                            module_names={n.rsplit(".", 1)[0] for n in memory})
+    dtype = _target_dtype(options.dtype, base.config_dict)
+    specs = {n: TensorSpec(e.spec.shape, dtype) if dtype and e.spec.dtype.is_floating_point else e.spec
+             for n, e in tensors.items()}
+    with staged_folder(ctx.final, may_replace=ctx.may_replace) as folder:
+        fetch = streamed(view.read_pieces, path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
+        write_safetensors(folder / "adapter_model.safetensors", specs, fetch)
+        config.save_pretrained(str(folder))
+        base.save_tokenizer(folder)
+        written = {str(s.dtype).removeprefix("torch.") for s in specs.values()}
+        record = provenance(ctx.unit, reader, None, fingerprint=ctx.fingerprint, dtype=", ".join(sorted(written)),
+                            metadata=ctx.metadata, base_model=base.name_or_path, base_origin=ctx.base_origin,
+                            naming="peft", verify=None, warnings=adapter.warnings, adapter=adapter.record("peft"))
+        write_provenance(folder, record, architecture=arch.class_name)
+    return _Outcome("ok", sum(s.nbytes for s in specs.values()), None, adapter.warnings)
+
+
+def _base_id(base: BaseModel) -> str:
+    """How the adapter folder names its base: a hub id as given, a local folder by its absolute path."""
+    local = Path(base.name_or_path)
+    return str(local.absolute()) if local.is_dir() else base.name_or_path
+
+
+@dataclass
+class _Adapter:
+    """A LoRA checkpoint's adapter, checked against the model, with where its scale and base weights come from."""
+
+    lora: Lora
+    scale: LoraScale
+    checked: dict[str, Checked]
+    base_weights: Reader | None
+    # The record and base weights read: part of the fingerprint.
+    files: list[Path]
+    warnings: list[str]
+
+    def record(self, output: str) -> dict[str, Any]:
+        ranks = sorted({c.rank for c in self.checked.values()})
+        return {"kind": "lora", "output": output, "adapter_name": self.lora.adapter_name,
+                "modules": len(self.checked), "r": ranks[0] if len(ranks) == 1 else ranks, "lora_alpha": self.scale.alpha,
+                "use_rslora": self.scale.use_rslora, "alpha_from": self.scale.source,
+                "dora": any(c.module.magnitude for c in self.checked.values()),
+                "modules_to_save": sorted(self.lora.trained_copies),
+                "base_weights_from": str(self.base_weights.path) if self.base_weights else "the checkpoint"}
+
+
+def _adapter(reader: Reader, unit: Unit, *, base: BaseModel, options: ConvertConfig,
+             metadata: dict[str, Any]) -> _Adapter | None:
+    """The checkpoint's LoRA adapter, when it holds one; every check that can fail before writing is made here."""
+    specs = reader.specs()
+    lora = find_lora(reader.path, specs, adapter_name=options.lora.adapter_name)
+    if lora is None:
+        if options.final_format is FinalFormat.peft:
+            raise ConversionError(unit.path, "convert.final_format=peft writes a LoRA adapter, but this checkpoint "
+                                  "holds no lora_A / lora_B tensors")
+        return None
+    scale = scale_of(unit.adapter_records(), alpha=options.lora.alpha, use_rslora=options.lora.use_rslora,
+                     adapter_config=options.lora.adapter_config, where=unit.path)
+    arch = base.architecture
+    memory = arch.namings[0]
+    held = set(lora.base) | set(lora.trained_copies)
+    needs_base = options.final_format is FinalFormat.huggingface and any(
+        p not in held for p in memory.params if p not in memory.tied)
+    base_weights = base.weights() if needs_base else None
+    try:
+        checked = check(reader.path, lora, scale, specs, base=base_weights.specs() if base_weights else {},
+                        transposed=arch.transposed, model_params=memory.params)
+        log.info("%s: LoRA adapter on %d modules (r %s, lora_alpha %s from %s)%s", unit.path, len(checked),
+                 "/".join(map(str, sorted({c.rank for c in checked.values()}))), scale.alpha, scale.source,
+                 f"; base weights from {base_weights.path}" if base_weights else "")
+        warnings = []
+        if metadata.get("step") != 0 and untrained(reader, lora):
+            at = f" at step {metadata['step']}" if "step" in metadata else ""
+            warnings.append(f"every lora_B is exactly zero{at}: the adapter is untrained or was mis-gathered, so "
+                            "the merged model equals its base")
+        if (copy := unit.adapter_copy()) is not None:
+            from safetensors.torch import load_file
+
+            differ = same_tensors(reader, load_file(copy), adapter_tensors(lora, checked, specs, base={}))
+            if differ:
+                warnings.append(f"the trainer's own {copy.name} differs from the FSDP part in {len(differ)} tensor(s) "
+                                f"({listing(differ, limit=3)}; only rank 0's slice?); converting the FSDP part")
+        for warning in warnings:
+            log.warning("%s: %s", unit.path, warning)
+    except BaseException:
+        if base_weights is not None:
+            base_weights.close()
+        raise
+    files = [Path(scale.source)] if Path(scale.source).is_file() else []
+    return _Adapter(lora, scale, checked, base_weights, files + (base_weights.info.files if base_weights else []),
+                    warnings)
+
+
+def _output_options(options: ConvertConfig, *, base: BaseModel, adapter: _Adapter | None) -> dict[str, Any]:
     """The settings that change what is written: a rerun with other values converts again."""
-    return {"base_model": base.name_or_path, "max_shard_size": options.max_shard_size, "lmtk": __version__,
-            "dtype": options.dtype.value if options.dtype else None}
+    chosen = {"base_model": base.name_or_path, "max_shard_size": options.max_shard_size, "lmtk": __version__,
+              "dtype": options.dtype.value if options.dtype else None}
+    if adapter is not None:
+        chosen.update(final_format=options.final_format.value, lora_alpha=adapter.scale.alpha,
+                      use_rslora=adapter.scale.use_rslora, adapter_name=adapter.lora.adapter_name)
+    return chosen
 
 
 def _target_dtype(choice: DType | None, config: dict[str, Any]) -> torch.dtype | None:

@@ -56,6 +56,18 @@ class Unit:
                 return folder
         return None
 
+    def adapter_records(self) -> list[Path]:
+        """Where a LoRA adapter's settings may be recorded: the trainer's places, then beside the checkpoint."""
+        places = [self.path / r for r in (self.trainer.adapter_records if self.trainer else ())]
+        places += [self.path / "adapter_config.json", self.path.parent / "adapter_config.json"]
+        unique = dict.fromkeys(Path(os.path.normpath(p)) for p in places if p.parent.is_dir())
+        return list(unique)
+
+    def adapter_copy(self) -> Path | None:
+        """The trainer's own copy of the adapter beside the FSDP part, when it wrote one."""
+        copy = self.path / self.trainer.adapter_copy if self.trainer and self.trainer.adapter_copy else None
+        return copy if copy is not None and copy.is_file() and copy != self.model else None
+
     def siblings(self) -> list[tuple[Path, str]]:
         """What the unit holds beside the model part (and what the trainer put inside it), skipped."""
         if self.trainer is None or not self.path.is_dir():

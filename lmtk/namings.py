@@ -1,7 +1,8 @@
 """Other codebases' tensor names (``conf/naming/*.yaml``) mapped onto transformers' names.
 
-A naming is a key map plus per-tensor transforms. ``Renamed`` shows a reader's checkpoint under HF
-names, one tensor at a time, so planning, writing and verify work on it as on any reader. Which naming
+A naming is a key map plus per-tensor transforms. ``renamed`` shows a reader's checkpoint under HF
+names (a ``lmtk.derived`` view), one tensor at a time, so planning, writing and verify work on it as on
+any reader. Which naming
 a checkpoint uses is found by trying each candidate against the architecture.
 """
 
@@ -14,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from lmtk import keys
 from lmtk.architecture import Architecture
-from lmtk.config import NamingConfig, TensorTransform, Transform
+from lmtk.config import NamingConfig, TensorTransform
+from lmtk.config import Transform as Kind
+from lmtk.derived import CHECKPOINT, Derived, DerivedReader, RotaryHalfSplit, Source, Transform
 from lmtk.errors import ConversionError
 from lmtk.plan import Plan, make_plan
-from lmtk.readers.base import Reader, SourceInfo, TensorSpec
+from lmtk.readers.base import Reader, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -78,40 +80,26 @@ def load_namings(configs: dict[str, NamingConfig]) -> list[Naming]:
     return sorted((Naming(name, config) for name, config in configs.items()), key=lambda n: not n.is_hf)
 
 
-class Renamed:
-    """A reader's checkpoint under a naming's HF names; transforms applied as each tensor is read."""
+def renamed(reader: Reader, naming: Naming, *, config: dict[str, Any]) -> DerivedReader:
+    """A reader's checkpoint under a naming's HF names; transforms applied as each tensor is read.
 
-    def __init__(self, reader: Reader, naming: Naming, *, config: dict[str, Any]) -> None:
-        self.path: Path = reader.path
-        self.info: SourceInfo = reader.info
-        self._reader, self._naming, self._config = reader, naming, config
-        self.original: dict[str, str] = {}  # HF name -> checkpoint key
-        self.unmapped: list[str] = []
-        self.dropped: list[str] = []
-        for key in reader.specs():
-            if (hf := naming.rename(key)) is not None and hf not in self.original:
-                self.original[hf] = key
-            elif naming.dropped(key):
-                self.dropped.append(key)
-            else:
-                self.unmapped.append(key)
-
-    def specs(self) -> dict[str, TensorSpec]:
-        specs = self._reader.specs()
-        return {hf: specs[key] for hf, key in self.original.items()} | {k: specs[k] for k in self.unmapped}
-
-    def read(self, name: str) -> torch.Tensor:
-        tensor = self._reader.read(self.original.get(name, name))
-        transform = self._naming.transform_of(name)
-        return _apply(transform, tensor, config=self._config, where=(self.path, name)) if transform else tensor
-
-    def read_pieces(self, name: str) -> list[torch.Tensor]:
-        if self._naming.transform_of(name):
-            return [self.read(name)]
-        return self._reader.read_pieces(self.original.get(name, name))
-
-    def close(self) -> None:
-        self._reader.close()
+    Keys the naming does not know keep their own names, so the plan reports them as unexpected.
+    """
+    specs = reader.specs()
+    original: dict[str, str] = {}  # HF name -> checkpoint key
+    tensors: dict[str, Derived] = {}
+    dropped: list[str] = []
+    for key, spec in specs.items():
+        if (hf := naming.rename(key)) is not None and hf not in original:
+            original[hf] = key
+            transform = naming.transform_of(hf)
+            tensors[hf] = Derived(spec, (Source(key),), _compiled(transform, spec, config=config, where=(reader.path, hf))
+                                  if transform else None)
+        elif naming.dropped(key):
+            dropped.append(key)
+        else:
+            tensors[key] = Derived(spec, (Source(key),))
+    return DerivedReader({CHECKPOINT: reader}, tensors, renamed=original, dropped=dropped)
 
 
 def choose(reader: Reader, arch: Architecture, namings: list[Naming], *,
@@ -124,15 +112,15 @@ def choose(reader: Reader, arch: Architecture, namings: list[Naming], *,
                               f"{', '.join(wanted)}, but the base config is a {arch.class_name}")
     attempts: list[tuple[int, ConversionError]] = []
     for naming in candidates:
-        view: Reader = reader if naming.is_hf else Renamed(reader, naming, config=config)
+        view: Reader = reader if naming.is_hf else renamed(reader, naming, config=config)
         try:
             plan = make_plan(reader.path, view.specs(), arch)
         except ConversionError as e:
             attempts.append((_unknown(view.specs(), arch), e))
             continue
-        if isinstance(view, Renamed):  # report renames from the checkpoint's own keys
+        if isinstance(view, DerivedReader):  # report renames from the checkpoint's own keys
             plan.dropped += view.dropped
-            plan.renamed = {key: plan.renamed.get(hf, hf) for hf, key in view.original.items()
+            plan.renamed = {key: plan.renamed.get(hf, hf) for hf, key in view.renamed.items()
                             if key != plan.renamed.get(hf, hf)}
         if len(candidates) > 1:
             log.info("%s: tensors carry %s names", reader.path, naming.title)
@@ -147,14 +135,14 @@ def _unknown(names: Iterable[str], arch: Architecture) -> int:
                for n in names)
 
 
-def _apply(transform: TensorTransform, tensor: torch.Tensor, *, config: dict[str, Any],
-           where: tuple[Path, str]) -> torch.Tensor:
-    if transform.kind is Transform.rotary_half_split:
+def _compiled(transform: TensorTransform, spec: TensorSpec, *, config: dict[str, Any],
+              where: tuple[Path, str]) -> Transform:
+    """A naming's transform with its sizes taken from the base config, checked against the tensor's shape."""
+    if transform.kind is Kind.rotary_half_split:
         heads = config.get(transform.heads) or config.get("num_attention_heads")
-        rows, _cols = tensor.shape[0], tensor.shape[-1] if tensor.dim() > 1 else 1
+        rows = spec.shape[0] if spec.shape else 0
         if not isinstance(heads, int) or heads <= 0 or rows % (2 * heads):
             raise ConversionError(where[0], f"{where[1]}: {rows} rows do not split into {heads} heads of rotary "
                                   f"pairs ({transform.heads} in the base config)")
-        # Interleaved pairs (x0, x1), (x2, x3), ... per head -> first halves, then second halves.
-        return tensor.reshape(heads, rows // heads // 2, 2, -1).transpose(1, 2).reshape(tensor.shape).contiguous()
+        return RotaryHalfSplit(heads)
     raise ValueError(f"unknown transform {transform.kind}")

@@ -27,6 +27,8 @@ class Result:
     metadata: dict[str, Any] = field(default_factory=dict)
     # convert.verify's outcome: passed, max_abs_diff, tolerance, ... (None when not run).
     verify: dict[str, Any] | None = None
+    # What converted but deserves a look (an untrained adapter, a trainer's copy that disagrees).
+    warnings: list[str] = field(default_factory=list)
 
 
 def write_summary(path: Path, results: list[Result]) -> None:
@@ -51,3 +53,5 @@ def log_summary(results: list[Result]) -> None:
     for r in results:
         where = r.output if r.status != "failed" else r.error
         log.info("  %-7s %s -> %s", r.status, r.checkpoint, where)
+        for warning in r.warnings:
+            log.warning("          warning: %s", warning)

@@ -21,6 +21,12 @@ _HF_FILES = {
     "merges.txt": "tokenizer files",
     "chat_template.*": "tokenizer files",
 }
+# What peft writes beside a checkpoint of a PEFT model.
+_PEFT_FILES = {
+    "adapter_model.safetensors": "the trainer's own copy of the LoRA adapter (checked against the FSDP part)",
+    "adapter_config.json": "the LoRA adapter's settings (read for lora_alpha)",
+    "README.md": "peft's model card",
+}
 _ACCELERATE_MODEL = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
 
 
@@ -39,6 +45,10 @@ class Trainer:
     records: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
     # Folders in the unit that may hold the model's HF config.json and tokenizer ("" is the unit itself).
     config: tuple[str, ...] = ()
+    # Files, relative to the unit, where the trainer records a LoRA adapter's settings (lora_alpha), first found wins.
+    adapter_records: tuple[str, ...] = ()
+    # The trainer's own copy of the adapter beside the FSDP part (checked against it; the FSDP part wins).
+    adapter_copy: str | None = None
 
 
 TRAINERS = (
@@ -52,11 +62,14 @@ TRAINERS = (
             "model*.safetensors": "HF weights the Trainer wrote beside FSDP's",
             "model.safetensors.index.json": "HF weights the Trainer wrote beside FSDP's",
             "pytorch_model*.bin": "HF weights the Trainer wrote beside FSDP's",
-            **_HF_FILES,
+            **_HF_FILES, **_PEFT_FILES,
         },
         records={"trainer_state.json": {"step": ("global_step",), "epoch": ("epoch",)}},
         # FULL_STATE_DICT checkpoints carry the config; the run's output_dir has it once save_model ran.
         config=("", ".."),
+        # FULL_STATE_DICT checkpoints carry peft's files; the run's output_dir has them once save_model ran.
+        adapter_records=("adapter_config.json", "../adapter_config.json"),
+        adapter_copy="adapter_model.safetensors",
     ),
     Trainer(
         name="accelerate save_state",
@@ -76,8 +89,10 @@ TRAINERS = (
         model=("actor",),
         skip={"data.pt": "dataloader state", "critic": "the critic (a value model, not a causal LM)",
               "optim_world_size_*": "optimizer state per rank", "extra_state_world_size_*": "LR scheduler and RNG state per rank",
-              "fsdp_config.json": "FSDP settings", "latest_checkpointed_iteration.txt": "verl's pointer to its latest step"},
+              "fsdp_config.json": "FSDP settings", "latest_checkpointed_iteration.txt": "verl's pointer to its latest step",
+              "lora_train_meta.json": "verl's LoRA settings (read for the scale)"},
         config=("actor/huggingface",),
+        adapter_records=("actor/lora_train_meta.json", "lora_train_meta.json"),
     ),
     Trainer(
         name="OLMo-core",

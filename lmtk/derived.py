@@ -1,0 +1,121 @@
+"""Tensors made from other tensors: each is its sources plus a typed transform, made when it is read.
+
+A naming's rename and rotary permutation, a merged LoRA weight (W + s·B·A) and one expert's slice of a
+stacked tensor are all entries of a ``DerivedReader``: a view over one or more readers that planning,
+writing and verify use as any reader, one output tensor at a time. An entry without a transform is its
+one source as stored, so its bytes still stream uncopied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lmtk.errors import ConversionError
+from lmtk.readers.base import Reader, SourceInfo, TensorSpec
+
+CHECKPOINT, BASE = "checkpoint", "base"
+
+
+class Transform(Protocol):
+    """How an entry's tensor is made from its sources' tensors (in the entry's order)."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    key: str
+    # Which of the view's readers holds it: the checkpoint, or the base model's own weights.
+    reader: str = CHECKPOINT
+
+
+@dataclass(frozen=True)
+class Derived:
+    spec: TensorSpec
+    sources: tuple[Source, ...]
+    transform: Transform | None = None
+
+
+@dataclass(frozen=True)
+class RotaryHalfSplit:
+    """q/k rows from interleaved rotary pairs (Meta, torchtitan) to HF's half-split order, per head."""
+
+    heads: int
+
+    def apply(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        [tensor] = tensors
+        rows = tensor.shape[0]
+        # Interleaved pairs (x0, x1), (x2, x3), ... per head -> first halves, then second halves.
+        return tensor.reshape(self.heads, rows // self.heads // 2, 2, -1).transpose(1, 2).reshape(tensor.shape).contiguous()
+
+
+@dataclass(frozen=True)
+class LoraMerge:
+    """W + scale · B·A in float32, written in W's dtype; sources W, A, B (and DoRA's magnitude).
+
+    ``transpose``: W is stored [in, out] (GPT-2's Conv1D, an embedding's [num, dim]), so the product is
+    transposed. DoRA rescales each output row to its trained magnitude, as peft's merge does.
+    """
+
+    scale: float
+    transpose: bool = False
+    dora: bool = False
+
+    def apply(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        weight, a, b = tensors[:3]
+        delta = (b.to(torch.float32) @ a.to(torch.float32)) * self.scale
+        merged = weight.to(torch.float32) + (delta.T if self.transpose else delta)
+        if self.dora:
+            magnitude = tensors[3].to(torch.float32)
+            merged = merged * (magnitude / torch.linalg.norm(merged, dim=1)).reshape(-1, 1)
+        return merged.to(weight.dtype)
+
+
+class DerivedReader:
+    """A view whose tensors are ``Derived`` entries over ``readers`` (the first is the checkpoint's)."""
+
+    def __init__(self, readers: Mapping[str, Reader], tensors: dict[str, Derived], *,
+                 renamed: dict[str, str] | None = None, dropped: list[str] | None = None) -> None:
+        main = readers[CHECKPOINT]
+        self.path: Path = main.path
+        self.info: SourceInfo = main.info
+        self._readers, self._tensors = dict(readers), tensors
+        # View name -> the checkpoint key it was renamed from, and checkpoint keys dropped on purpose.
+        self.renamed: dict[str, str] = renamed or {}
+        self.dropped: list[str] = dropped or []
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: entry.spec for name, entry in self._tensors.items()}
+
+    def entry(self, name: str) -> Derived:
+        return self._tensors[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self._tensors[name]
+        tensors = [self._readers[s.reader].read(s.key) for s in entry.sources]
+        if entry.transform is None:
+            return tensors[0]
+        try:
+            out = entry.transform.apply(tensors)
+        except (RuntimeError, ValueError) as e:
+            raise ConversionError(self.path, f"{name}: {type(entry.transform).__name__} failed ({e})") from e
+        if tuple(out.shape) != entry.spec.shape:
+            raise ConversionError(self.path, f"{name}: made {list(out.shape)}, planned {list(entry.spec.shape)}")
+        return out
+
+    def read_pieces(self, name: str) -> list[torch.Tensor]:
+        entry = self._tensors[name]
+        if entry.transform is None:
+            [source] = entry.sources
+            return self._readers[source.reader].read_pieces(source.key)
+        return [self.read(name)]
+
+    def close(self) -> None:
+        for reader in {id(r): r for r in self._readers.values()}.values():
+            reader.close()
+
