@@ -14,6 +14,10 @@ Sections (each method runs as its own process, interleaved with the others, ``--
 - ``baselines``: ``accelerate merge-weights`` (DCP) and torch's ``consolidate_safetensors_files`` (per-rank
   safetensors, each thread count) at 774M.
 - ``workers``: ``convert.write_workers`` 1, 2 and 4 writing 1 GB shards at 774M.
+- ``lora``: a LoRA fine-tune of the 774M model (peft's names, r 16 on every attention and MLP projection),
+  merged into a model folder: the whole PeftModel in one ``.pth`` (base weights in the checkpoint, as
+  accelerate and verl save it) and the adapter alone with the base's own safetensors weights (as the
+  Trainer's sharded saves); against the plain ``.pth`` conversion of the same model, interleaved.
 - ``sweeps``: ten 124M checkpoints as one multirun on the basic launcher, on joblib with 2 jobs, and as ten
   separate runs.
 
@@ -190,6 +194,48 @@ def build_7b(route: str, work: Path) -> tuple[Path, Path]:
     return base, path
 
 
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def build_lora(work: Path, base: Path, pth: Path) -> dict[str, Path]:
+    """The 774M model as a trained LoRA fine-tune under peft's names: whole, and the adapter with a weighted base."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = work / "774m" / "lora"
+    paths = {"whole": root / "whole" / "step-1.pth", "adapter": root / "adapter" / "step-1.pth",
+             "base": root / "base"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    state = torch.load(pth, weights_only=True, mmap=True)
+    generator = torch.Generator().manual_seed(0)
+    whole, adapter = {}, {}
+    for name, tensor in state.items():
+        module = name.rsplit(".", 1)[0]
+        if module.endswith(LORA_TARGETS):
+            kind = name.rsplit(".", 1)[1]
+            whole[f"base_model.model.{module}.base_layer.{kind}"] = tensor
+            if kind == "weight":  # Conv1D: [in, out]
+                a = torch.randn(16, tensor.shape[0], generator=generator) * 0.01
+                b = torch.randn(tensor.shape[1], 16, generator=generator) * 0.01
+                for names, suffix in ((whole, ".default.weight"), (adapter, ".weight")):
+                    names[f"base_model.model.{module}.lora_A{suffix}"] = a
+                    names[f"base_model.model.{module}.lora_B{suffix}"] = b
+        else:
+            whole[f"base_model.model.{name}"] = tensor
+    record = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "fan_in_fan_out": True,
+              "target_modules": ["c_attn", "c_proj", "c_fc"]}
+    for kind in ("whole", "adapter"):
+        paths[kind].parent.mkdir(parents=True)
+        torch.save(whole if kind == "whole" else adapter, paths[kind])
+        (paths[kind].parent / "adapter_config.json").write_text(json.dumps(record))
+    shutil.copytree(base, paths["base"])
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, paths["base"] / "model.safetensors",
+              metadata={"format": "pt"})
+    return paths
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -324,6 +370,22 @@ class Bench:
                          lmtk(pth, base, self.out, "convert.max_shard_size=1GB", f"convert.write_workers={workers}"),
                          cache="warm", inputs=[pth])
 
+    def lora(self, base: Path, pth: Path, lora: dict[str, Path]) -> None:
+        """Merged LoRA against the plain conversion of the same model, interleaved, with the same fixed cost."""
+        tiny, tiny_base = TINY["pth"]
+        self.samples[("774m", "lora", "bytes")] = [Sample(float(_bytes(pth)))]
+        methods = {"merged, base in the checkpoint": (lmtk(lora["whole"], base, self.out), [lora["whole"]]),
+                   "merged, base from convert.base_model": (lmtk(lora["adapter"], lora["base"], self.out),
+                                                            [lora["adapter"], lora["base"]]),
+                   "plain .pth": (lmtk(pth, base, self.out), [pth]),
+                   "tiny": (lmtk(tiny, tiny_base, self.out), [tiny])}
+        for command, _ in methods.values():
+            measure(command, env=self.env, cache="warm", inputs=[])  # fill the caches
+        for _ in range(self.repeats):
+            for cache in self.caches:
+                for method, (command, inputs) in methods.items():
+                    self.run(("774m", "lora", cache, method), command, cache=cache, inputs=inputs)
+
     def sweeps(self, base: Path, pth: Path) -> None:
         folder = self.work / "sweep-inputs"
         shutil.rmtree(folder, ignore_errors=True)
@@ -401,8 +463,9 @@ def report(samples: dict[tuple[str, ...], list[Sample]]) -> str:
             f"{_med(runs):.2f} [{_spread(runs)}] | {_med(tiny):.2f} | {marginal:.2f} | {_med(floor):.2f} "
             f"[{_spread(floor)}] | **{marginal / _med(floor):.2f}** | {_mib(runs, 'peak_anon')} | "
             f"{_mib(runs, 'peak_rss')} | {_mib(runs, 'peak_dirty')} | {_cores(runs)} |")
+    lines += _lora(samples)
     others = [k for k in samples if len(k) == 4 and k[3] not in ("lmtk", "tiny", "floor")
-              and not k[3].endswith(", tiny")]
+              and not k[3].endswith(", tiny") and k[1] != "lora"]
     if others:
         lines += ["", "## Against other tools, write workers, sweeps", "",
                   "| size | route | cache | method | wall (s) | vs lmtk | peak anon (MiB) | cores |",
@@ -425,6 +488,26 @@ def report(samples: dict[tuple[str, ...], list[Sample]]) -> str:
         lines[-1] += "."
     lines += _against_accelerate(samples)
     return "\n".join(lines) + "\n"
+
+
+def _lora(samples: dict[tuple[str, ...], list[Sample]]) -> list[str]:
+    """Merged LoRA: marginal cost (the tiny run subtracted) over the plain conversion's, and memory."""
+    lines = []
+    for cache in ("warm", "cold"):
+        key = ("774m", "lora", cache)
+        if (*key, "plain .pth") not in samples:
+            continue
+        fixed, plain = _med(samples[(*key, "tiny")]), samples[(*key, "plain .pth")]
+        if not lines:
+            lines += ["", "## LoRA merged (774M, r 16 on attention and MLP, peft's names)", "",
+                      "| cache | method | wall (s) | marginal (s) | marginal / plain | peak anon (MiB) | cores |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for method in ("plain .pth", "merged, base in the checkpoint", "merged, base from convert.base_model"):
+            runs = samples[(*key, method)]
+            ratio = (_med(runs) - fixed) / (_med(plain) - fixed)
+            lines.append(f"| {cache} | {method} | {_med(runs):.2f} [{_spread(runs)}] | {_med(runs) - fixed:.2f} | "
+                         f"**{ratio:.2f}** | {_mib(runs, 'peak_anon')} | {_cores(runs)} |")
+    return lines
 
 
 def _against_accelerate(samples: dict[tuple[str, ...], list[Sample]]) -> list[str]:
@@ -489,7 +572,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="774m,7b")
     parser.add_argument("--routes", default=",".join(ROUTES))
-    parser.add_argument("--sections", default="routes,baselines,workers,sweeps")
+    parser.add_argument("--sections", default="routes,baselines,workers,lora,sweeps")
     parser.add_argument("--cache", default="warm,cold", help="warm, cold (root) or both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lmtk-bench"))
@@ -500,7 +583,7 @@ def main() -> None:
     sizes, routes, sections = args.sizes.split(","), tuple(args.routes.split(",")), args.sections.split(",")
     bench = Bench(args.work, args.repeats, args.cache.split(","), resume=args.resume)
     if "774m" in sizes:
-        base, paths = build_gpt2("774m", args.work, ROUTES)
+        base, paths = build_gpt2("774m", args.work, ROUTES if {"routes", "baselines"} & set(sections) else ("pth",))
         if "routes" in sections:
             for route in routes:
                 bench.routes("774m", route, base, paths[route])
@@ -508,6 +591,8 @@ def main() -> None:
             bench.baselines(base, paths)
         if "workers" in sections:
             bench.workers(base, paths["pth"])
+        if "lora" in sections:
+            bench.lora(base, paths["pth"], build_lora(args.work, base, paths["pth"]))
     if "7b" in sizes and "routes" in sections:
         for route in routes:  # one at a time: each is 13.5 GB
             keys = [("7b", route, c, m) for c in bench.caches for m in ("lmtk", "tiny", "floor")]
