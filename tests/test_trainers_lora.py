@@ -116,3 +116,45 @@ def test_a_sharded_trainer_checkpoint_without_its_run_needs_alpha(tmp_path: Path
     assert failed["error"].startswith(f"{checkpoint}: a LoRA checkpoint, but no lora_alpha is recorded")
     assert "convert.lora.alpha=ALPHA" in failed["error"] and "\n" not in failed["error"]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_trainers_own_adapter_copy_that_disagrees_is_a_warning(tmp_path: Path) -> None:
+    """FSDP2 + FULL_STATE_DICT may leave rank 0's slice in the Trainer's adapter_model.safetensors: the FSDP part wins."""
+    from safetensors.torch import save_file
+
+    name = "lora_hf_trainer_fsdp2_full"
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / name / "run", run)
+    copy = run / "checkpoint-4" / "adapter_model.safetensors"
+    tensors = load_file(copy)
+    first = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[first] = tensors[first][:2].contiguous()  # half the rows, as one rank of two holds
+    save_file(tensors, copy, metadata={"format": "pt"})
+    proc = run_lmtk(f"convert.checkpoint_path={run}", f"convert.base_model={FIXTURES / name / 'base'}",
+                    f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {Path(r["output"]).name: r for r in summary_of(tmp_path / "hydra")}
+    assert results["checkpoint-2"]["warnings"] == []
+    [warning] = results["checkpoint-4"]["warnings"]
+    assert warning.startswith("the trainer's own adapter_model.safetensors differs from the FSDP part in 1 tensor(s)")
+    assert first in warning and warning.endswith("converting the FSDP part")
+    reference = reference_of(name)
+    diff = (_logits(tmp_path / "out" / "checkpoint-4", reference["input_ids"])
+            - reference["logits"]["checkpoint-4"]).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_an_empty_model_save_is_one_line_naming_the_cause(tmp_path: Path) -> None:
+    """peft 0.21 + FSDP1 SHARDED_STATE_DICT: the model DCP lists no tensors (the optimizer's has them all)."""
+    name = "lora_hf_trainer_fsdp1_sharded_peft021"
+    proc = run_lmtk(f"convert.checkpoint_path={FIXTURES / name / 'run'}",
+                    f"convert.base_model={FIXTURES / 'lora_hf_trainer_fsdp1_sharded' / 'base'}",
+                    f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert proc.returncode == 1
+    results = summary_of(tmp_path / "hydra")
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    for r in results:
+        model = Path(r["checkpoint"]) / "pytorch_model_fsdp_0"
+        assert r["error"].startswith(f"{model}: holds no tensors at all: an empty save")
+        assert "peft 0.21 with FSDP1 SHARDED_STATE_DICT" in r["error"] and "\n" not in r["error"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

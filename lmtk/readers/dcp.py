@@ -57,6 +57,11 @@ class DcpReader:
             fqn: md for fqn, md in metadata.state_dict_metadata.items() if type(md).__name__ == "TensorStorageMetadata"
         }
         self._names, root = model_entries(list(tensors))
+        if not metadata.state_dict_metadata:
+            raise ConversionError(path, "holds no tensors at all: an empty save (its .metadata lists nothing); peft 0.21 "
+                                  "with FSDP1 SHARDED_STATE_DICT saves a LoRA model this way (its adapter filter misses "
+                                  "FSDP1's nested _fsdp_wrapped_module. names): save with peft 0.20, FSDP2 or "
+                                  "FULL_STATE_DICT")
         if not self._names:
             raise ConversionError(path, "no model tensors in this DCP checkpoint")
         self._tensors = {fqn: tensors[fqn] for fqn in self._names}

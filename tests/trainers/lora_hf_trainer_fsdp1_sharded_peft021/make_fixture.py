@@ -1,0 +1,1 @@
+../lora_hf_trainer_fsdp2_sharded/make_fixture.py

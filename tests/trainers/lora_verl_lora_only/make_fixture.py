@@ -1,0 +1,1 @@
+../lora_verl/make_fixture.py
