@@ -356,7 +356,7 @@ def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming
 
 def _check_tied(reader: Reader, plan: Plan) -> None:
     for copy_name, source_name in plan.tied_checks:
-        if not equal(reader.read_pieces(copy_name), reader.read_pieces(source_name)):
+        if not equal(list(reader.read_pieces(copy_name)), list(reader.read_pieces(source_name))):
             raise ConversionError(
                 reader.path,
                 f"{copy_name} differs from {source_name}, but the config ties them (tie_word_embeddings); "

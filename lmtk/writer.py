@@ -231,21 +231,25 @@ class _FileRanges:
         return nbytes
 
     def _locate(self, address: int, nbytes: int) -> tuple[str, int] | None:
+        # Memory mapped since the last look (a new file, a fresh allocation) is not listed yet: look again once.
+        # Computed tensors (a merged adapter, a cast) sit in anonymous regions, known after that look.
         for refresh in (False, True):
             if refresh or not self._regions:
-                self._regions = _file_mappings()
+                self._regions = _mappings()
             for start, end, file_offset, path in self._regions:
                 if start <= address and address + nbytes <= end:
-                    return path, file_offset + address - start
+                    return (path, file_offset + address - start) if path else None
         return None
 
 
-def _file_mappings() -> list[tuple[int, int, int, str]]:
+def _mappings() -> list[tuple[int, int, int, str]]:
+    """Every mapped region: (start, end, file offset, the file's path, or "" for memory that is no file's)."""
     regions = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].startswith("/") and not parts[5].rstrip().endswith("(deleted)"):
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                regions.append((start, end, int(parts[2], 16), parts[5].rstrip("\n")))
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            path = parts[5].rstrip("\n") if len(parts) == 6 else ""
+            is_file = path.startswith("/") and not path.endswith("(deleted)")
+            regions.append((start, end, int(parts[2], 16), path if is_file else ""))
     return regions
