@@ -56,6 +56,8 @@ class Transform(str, Enum):
 
     # Rotary q/k rows from the interleaved (Meta, torchtitan) order to HF's half-split order.
     rotary_half_split = "rotary_half_split"
+    # The same elements in another shape (OLMo-core's router, saved flat), its sizes from the base config.
+    reshape = "reshape"
 
 
 @dataclass
@@ -63,6 +65,20 @@ class TensorTransform:
     kind: Transform = MISSING
     # The base config field whose head count groups the rows (num_attention_heads, num_key_value_heads).
     heads: str = "num_attention_heads"
+    # reshape: the base config fields giving each dimension, e.g. [num_experts, hidden_size].
+    shape: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExpertSplit:
+    """One stacked tensor of every expert ([E, I, D], or [E*I, D]) -> one HF tensor per expert."""
+
+    # The HF name of expert {e}'s tensor, "{}" standing for the layer as in keys.
+    to: str = MISSING
+    # The base config field(s) holding the expert count, the first present wins.
+    experts: list[str] = field(default_factory=lambda: ["num_experts"])
+    # The codebase stores the expert's matrix transposed against HF's ([I, D] for HF's [D, I]).
+    transpose: bool = False
 
 
 @dataclass
@@ -79,6 +95,11 @@ class NamingConfig:
     transforms: dict[str, TensorTransform] = field(default_factory=dict)
     # Checkpoint names dropped on purpose (buffers the codebase saves that HF recomputes), "{}" as in keys.
     drop: list[str] = field(default_factory=list)
+    # Checkpoint name -> how its stack of experts splits into HF's per-expert tensors.
+    split: dict[str, ExpertSplit] = field(default_factory=dict)
+    # Checkpoint names the HF class has no place for: dropped while exactly zero (the model is the same without
+    # them), refused otherwise (a load-balancing bias that steers the routing).
+    drop_if_zero: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -55,6 +55,28 @@ class RotaryHalfSplit:
 
 
 @dataclass(frozen=True)
+class Reshape:
+    shape: tuple[int, ...]
+
+    def apply(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0].reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """Expert ``index`` of ``count`` stacked along the first dimension, in ``shape``, transposed if stored so."""
+
+    index: int
+    count: int
+    shape: tuple[int, ...]
+    transpose: bool = False
+
+    def apply(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        part = tensors[0].reshape(self.count, -1)[self.index].reshape(self.shape)
+        return (part.T if self.transpose else part).contiguous()
+
+
+@dataclass(frozen=True)
 class LoraMerge:
     """W + scale · B·A in float32, written in W's dtype; sources W, A, B (and DoRA's magnitude).
 
@@ -104,6 +126,8 @@ class LoraMerge:
 class DerivedReader:
     """A view whose tensors are ``Derived`` entries over ``readers`` (the first is the checkpoint's)."""
 
+    RECENT = 4
+
     def __init__(self, readers: Mapping[str, Reader], tensors: dict[str, Derived], *,
                  renamed: dict[str, str] | None = None, dropped: list[str] | None = None) -> None:
         main = readers[CHECKPOINT]
@@ -113,6 +137,7 @@ class DerivedReader:
         # View name -> the checkpoint key it was renamed from, and checkpoint keys dropped on purpose.
         self.renamed: dict[str, str] = renamed or {}
         self.dropped: list[str] = dropped or []
+        self._recent: dict[Source, torch.Tensor] = {}
 
     def specs(self) -> dict[str, TensorSpec]:
         return {name: entry.spec for name, entry in self._tensors.items()}
@@ -120,9 +145,20 @@ class DerivedReader:
     def entry(self, name: str) -> Derived:
         return self._tensors[name]
 
+    def _source(self, source: Source, *, shared: bool) -> torch.Tensor:
+        """A source tensor; one that several entries slice (an expert stack) is kept for the next few reads."""
+        if not shared:
+            return self._readers[source.reader].read(source.key)
+        if source not in self._recent:
+            self._recent[source] = self._readers[source.reader].read(source.key)
+            while len(self._recent) > self.RECENT:  # save_pretrained's order cycles through a layer's few stacks
+                self._recent.pop(next(iter(self._recent)))
+        return self._recent[source]
+
     def read(self, name: str) -> torch.Tensor:
         entry = self._tensors[name]
-        tensors = [self._readers[s.reader].read(s.key) for s in entry.sources]
+        shared = isinstance(entry.transform, ExpertSlice)
+        tensors = [self._source(s, shared=shared) for s in entry.sources]
         if entry.transform is None:
             return tensors[0]
         try:
@@ -143,6 +179,7 @@ class DerivedReader:
         return [self.read(name)]
 
     def close(self) -> None:
+        self._recent = {}
         for reader in {id(r): r for r in self._readers.values()}.values():
             reader.close()
 

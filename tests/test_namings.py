@@ -25,6 +25,9 @@ CODEBASES = {
     "torchtitan_llama3_tied": ("torchtitan_llama3", ["step-2", "step-4"]),
     "olmo_core_olmo2": ("olmo_core_olmo2", ["step2", "step4"]),
     "olmo_core_llama": ("olmo_core_llama", ["step2", "step4"]),
+    "torchtitan_qwen3_moe": ("torchtitan_qwen3", ["step-2", "step-4"]),
+    "torchtitan_deepseek_v3": ("torchtitan_deepseek_v3", ["step-2", "step-4"]),
+    "olmo_core_moe": ("olmo_core_moe", ["step2", "step4"]),
 }
 
 
@@ -41,7 +44,81 @@ def test_tensors_equal_what_the_frameworks_own_exporter_writes(converted: Conver
         assert not unequal, f"{unit}: differs from the framework's own export in {unequal}"
         record = json.loads((out / unit / "conversion.json").read_text())
         assert record["codebase_naming"] == naming
-        assert f"| names in the checkpoint | {naming} (in-memory) |" in (out / unit / "README.md").read_text()
+        kind = "hub" if fixture in MOE else "in-memory"  # per-expert tensors: what save_pretrained writes
+        assert f"| names in the checkpoint | {naming} ({kind}) |" in (out / unit / "README.md").read_text()
+
+
+MOE = ("torchtitan_qwen3_moe", "torchtitan_deepseek_v3", "olmo_core_moe")
+
+
+@pytest.mark.parametrize("fixture", MOE)
+def test_moe_logits_equal_the_codebases_own_model(converted: Convert, fixture: str) -> None:
+    proc, out, _ = converted(fixture)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = reference_of(fixture)
+    for unit in CODEBASES[fixture][1]:
+        scale = reference["logits"][unit].abs().max().item()
+        assert_logits(out / unit, reference, unit, atol=1e-4 * scale)
+
+
+def test_the_deepseek_routing_bias_is_kept(converted: Convert) -> None:
+    _, out, _ = converted("torchtitan_deepseek_v3")
+    ours = load_file(out / "step-4" / "model.safetensors")
+    bias = ours["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.abs().max() > 0  # trained: zeroing it changes the step-4 logits by 5e-2
+
+
+def _naming_without_split(tmp_path: Path, name: str) -> Path:
+    """A user's naming group entry: a shipped MoE naming with its expert split left out."""
+    conf = tmp_path / "conf" / "naming"
+    conf.mkdir(parents=True)
+    text = (Path(__file__).parents[1] / "conf" / "naming" / f"{name}.yaml").read_text()
+    text = text.replace(f"# @package namings.{name}", "# @package namings.no_split")
+    kept = [block for block in text.split("\n") if block]
+    cut, inside = [], False
+    for line in kept:  # drop the split: block and its indented lines
+        if line.startswith("split:"):
+            inside = True
+            continue
+        if inside and (line.startswith(" ") or not line.strip()):
+            continue
+        inside = False
+        cut.append(line)
+    (conf / "no_split.yaml").write_text("\n".join(cut) + "\n")
+    return tmp_path / "conf"
+
+
+def test_leaving_out_the_expert_split_fails_naming_the_experts(tmp_path: Path) -> None:
+    fixture = "torchtitan_qwen3_moe"
+    proc = run_lmtk(f"hydra.searchpath=[file://{_naming_without_split(tmp_path, 'torchtitan_qwen3')}]",
+                    "naming=no_split", f"convert.checkpoint_path={FIXTURES / fixture / 'run'}",
+                    f"convert.base_model={base_of(fixture)}", f"convert.output_dir={tmp_path / 'out'}",
+                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 1
+    results = json.loads((tmp_path / "run" / "summary.json").read_text())["results"]
+    for r in results:
+        assert "missing keys: model.layers.0.mlp.experts." in r["error"], r["error"]
+        assert "unexpected keys: layers.0.moe.routed_experts.inner_experts.w1_EFD" in r["error"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("fixture,field,count", [("torchtitan_qwen3_moe", "num_local_experts", 3),
+                                                 ("olmo_core_moe", "num_experts", 8)])
+def test_a_wrong_expert_count_is_one_line_naming_the_tensor(tmp_path: Path, fixture: str, field: str,
+                                                             count: int) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(base_of(fixture), base)
+    config = json.loads((base / "config.json").read_text())
+    config[field] = count
+    (base / "config.json").write_text(json.dumps(config))
+    naming = CODEBASES[fixture][0]
+    [result, _] = convert(tmp_path, checkpoint=FIXTURES / fixture / "run", base=base, out=tmp_path / "out",
+                          overrides=(f"naming={naming}",))
+    assert result.status == "failed" and "\n" not in result.error
+    stack = "layers.0.moe.routed_experts.inner_experts.w1_EFD [4, 16, 32] is not a stack of 3 experts" \
+        if count == 3 else "blocks.0.feed_forward_moe.router.weight [128] does not reshape to [num_experts=8, hidden_size=32]"
+    assert stack in result.error, result.error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def _without_the_rotary_permutation(tmp_path: Path) -> Path:
@@ -103,7 +180,8 @@ def test_verify_says_what_it_cannot_check_for_a_mapped_naming(tmp_path: Path) ->
 
 def test_every_shipped_naming_is_typed_and_detection_tries_them_all() -> None:
     cfg = compose_config()
-    assert sorted(cfg.namings) == ["hf", "olmo_core_llama", "olmo_core_olmo2", "torchtitan_llama3"]
+    assert sorted(cfg.namings) == ["hf", "olmo_core_llama", "olmo_core_moe", "olmo_core_olmo2", "torchtitan_deepseek_v3",
+                                   "torchtitan_llama3", "torchtitan_qwen3"]
     assert all(isinstance(n, NamingConfig) for n in cfg.namings.values())
     rotary = cfg.namings["torchtitan_llama3"].transforms
     assert {t.kind for t in rotary.values()} == {Transform.rotary_half_split}

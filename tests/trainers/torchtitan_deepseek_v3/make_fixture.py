@@ -1,0 +1,1 @@
+../torchtitan_qwen3_moe/make_fixture.py
