@@ -240,3 +240,11 @@ def test_an_adapter_folder_from_a_checkpoint_without_lora_is_one_line(peft_runs:
                        overrides=("convert.final_format=peft",))
     assert result.status == "failed" and "\n" not in result.error
     assert "convert.final_format=peft writes a LoRA adapter, but this checkpoint holds no lora_A / lora_B" in result.error
+
+
+def test_verify_checks_a_merged_adapter(peft_runs: Path, tmp_path: Path) -> None:
+    run = peft_runs / "gpt2_conv1d"
+    [result] = convert(tmp_path, checkpoint=run / "adapter" / "step-10.pt", base=run / "base", out=tmp_path / "out",
+                       overrides=("convert.verify=true",))
+    assert result.status == "ok", result.error
+    assert result.verify["passed"] is True
