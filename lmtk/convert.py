@@ -21,6 +21,7 @@ from lmtk.config import ConvertConfig, DType, InitialFormat, LmtkConfig
 from lmtk.discover import Unit, discover
 from lmtk.errors import ConversionError
 from lmtk.output import check_replaceable, fingerprint, staged_folder
+from lmtk.pace import Pace
 from lmtk.namings import Naming, choose, load_namings
 from lmtk.plan import Plan, fetcher
 from lmtk.progress import training_progress
@@ -43,11 +44,7 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
     root = Path(options.checkpoint_path)
     bases = _Bases(options.base_model, default=cfg.model.name_or_path)
     try:
-        if options.write_workers < 1:
-            raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
-        layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
-        units = _selected(discover(root, layout=layout), root=root, only=options.only)
-        _refuse_output_inside(root, Path(options.output_dir))
+        units = find_units(options)
     except ConversionError as e:
         log.error("%s", e)
         results = [Result(checkpoint=str(root / (options.only or "")), status="failed", error=str(e))]
@@ -55,10 +52,23 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
         log.info("found %d checkpoint(s) under %s", len(units), root)
         since = time.time() if since is None else since
         namings = load_namings(cfg.namings)
-        results = [convert_unit(unit, bases=bases, namings=namings, options=options, since=since) for unit in units]
+        pace = Pace(len(units))
+        results = [convert_unit(unit, bases=bases, namings=namings, options=options, since=since, pace=pace)
+                   for unit in units]
     write_summary(run_dir / "summary.json", results)
     log_summary(results)
     return results
+
+
+def find_units(options: ConvertConfig) -> list[Unit]:
+    """The checkpoints this run is about, once the checks that stop a whole run have passed (else raise)."""
+    root = Path(options.checkpoint_path)
+    if options.write_workers < 1:
+        raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
+    layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
+    units = _selected(discover(root, layout=layout), root=root, only=options.only)
+    _refuse_output_inside(root, Path(options.output_dir))
+    return units
 
 
 def _selected(units: list[Unit], *, root: Path, only: str | None) -> list[Unit]:
@@ -101,11 +111,13 @@ class _Outcome:
     verify: dict[str, Any] | None = None
 
 
-def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float) -> Result:
+def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
+                 pace: Pace | None = None) -> Result:
     final = Path(options.output_dir).absolute() / unit.name
-    started = time.perf_counter()
+    pace = pace or Pace(1)
+    started = pace.start()
     trainer = f", {unit.trainer.name}" if unit.trainer else ""
-    log.info("converting %s (%s layout%s) -> %s", unit.model, unit.layout, trainer, final)
+    log.info("%s converting %s (%s layout%s) -> %s", pace.tag, unit.model, unit.layout, trainer, final)
     for sibling, what in unit.siblings():
         log.info("%s: skipping %s (%s)", unit.path, sibling.name, what)
     reader, metadata = None, {}
@@ -117,50 +129,83 @@ def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: C
         metadata = training_progress(unit, reader.info.metadata)
         outcome = _convert(reader, unit, base=base, base_origin=origin, namings=namings, final=final,
                            options=options, metadata=metadata, since=since)
-    except ConversionError as e:
-        log.error("%s", e)
-        return failed(error=str(e), metadata=metadata)
-    except OSError as e:  # disk full, permissions, a file vanishing mid-run
-        error = ConversionError(e.filename or final, e.strerror or str(e))
-        log.error("%s", error)
+    except Exception as e:
+        error = unit_error(e, unit=unit, final=final)
+        pace.end(started)
+        log.error("%s failed %s%s", pace.tag, error, pace.eta)
         return failed(error=str(error), metadata=metadata)
-    except Exception as e:  # a bug, not bad input: keep the batch going, keep the traceback in the log
-        log.error("%s: unexpected %s: %s", unit.path, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-        return failed(error=str(ConversionError(unit.path, f"unexpected {type(e).__name__}: {e}")), metadata=metadata)
     finally:
         if reader is not None:
             reader.close()
-    seconds = time.perf_counter() - started
+    seconds = pace.end(started)
     if outcome.status == "skipped":
-        log.info("skipped %s: %s is already converted from this very source", unit.path, final)
+        log.info("%s skipped %s: %s is already converted from this very source%s", pace.tag, unit.path, final, pace.eta)
     else:
-        log.info("done %s in %.1fs (%.1f MB)", final, seconds, outcome.bytes_written / 1e6)
+        log.info("%s done %s in %.1fs, %s%s", pace.tag, final, seconds, pace.size(outcome.bytes_written), pace.eta)
     return Result(
         checkpoint=str(unit.path), status=outcome.status, output=str(final), layout=unit.layout,  # type: ignore[arg-type]
         seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=metadata, verify=outcome.verify,
     )
 
 
+def unit_error(e: Exception, *, unit: Unit, final: Path) -> ConversionError:
+    """The one line a checkpoint fails with, whatever was raised: one failure never stops the batch."""
+    if isinstance(e, ConversionError):
+        return e
+    if isinstance(e, OSError):  # disk full, permissions, a file vanishing mid-run
+        return ConversionError(e.filename or final, e.strerror or str(e))
+    # A bug, not bad input: the traceback goes to the log.
+    log.debug("%s: unexpected %s", unit.path, type(e).__name__, exc_info=e)
+    return ConversionError(unit.path, f"unexpected {type(e).__name__}: {e}")
+
+
+@dataclass
+class Prepared:
+    """What converting a unit will do, decided from metadata alone (no tensor read): skip it, or write ``plan``."""
+
+    fingerprint: dict[str, Any]
+    # conversion.json of the finished folder already at the output (skipped, or to be replaced), if any.
+    existing: dict[str, Any] | None = None
+    skipped: bool = False
+    naming: Naming | None = None
+    reader: Reader | None = None  # what the plan reads from: the reader, renamed for another codebase's names
+    plan: Plan | None = None
+    dtype: torch.dtype | None = None  # the cast, when convert.dtype asks for one
+
+
+def prepare(reader: Reader, unit: Unit, *, base: BaseModel, namings: list[Naming], final: Path,
+            options: ConvertConfig, since: float) -> Prepared:
+    """Skip, refuse (raise) or plan one unit; the conversion and ``task=inspect`` both decide here."""
+    source = str(unit.path.resolve())
+    current = fingerprint(reader.info.files, options=_output_options(options, base=base), checksum=options.checksum)
+    marker = None
+    if final.exists() or final.is_symlink():
+        marker = check_replaceable(final, source=source, overwrite=options.overwrite, since=since)
+        if marker.get("fingerprint") == current and not options.overwrite:
+            return Prepared(current, existing=marker, skipped=True)
+        if marker.get("source") == source:
+            log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
+    naming, view, plan = choose(reader, base.architecture, namings, config=base.config_dict)
+    dtype = _target_dtype(options.dtype, base.config_dict)
+    if dtype is not None:
+        plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
+    return Prepared(current, existing=marker, naming=naming, reader=view, plan=plan, dtype=dtype)
+
+
 def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, namings: list[Naming], final: Path,
              options: ConvertConfig, metadata: dict[str, Any], since: float) -> _Outcome:
     source = str(unit.path.resolve())
-    current = fingerprint(reader.info.files, options=_output_options(options, base=base), checksum=options.checksum)
 
     def may_replace(folder: Path) -> dict[str, Any]:
         return check_replaceable(folder, source=source, overwrite=options.overwrite, since=since)
 
-    if final.exists() or final.is_symlink():
-        marker = may_replace(final)
-        if marker.get("fingerprint") == current and not options.overwrite:
-            return _Outcome("skipped")
-        if marker.get("source") == source:
-            log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
-
+    prepared = prepare(reader, unit, base=base, namings=namings, final=final, options=options, since=since)
+    if prepared.skipped:
+        return _Outcome("skipped")
+    naming, reader, plan, dtype = prepared.naming, prepared.reader, prepared.plan, prepared.dtype
+    assert naming is not None and reader is not None and plan is not None
+    current = prepared.fingerprint
     arch = base.architecture
-    naming, reader, plan = choose(reader, arch, namings, config=base.config_dict)
-    dtype = _target_dtype(options.dtype, base.config_dict)
-    if dtype is not None:
-        plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
     with ThreadPoolExecutor(1, thread_name_prefix="lmtk-tied") as side, \
             staged_folder(final, may_replace=may_replace) as folder:
         # Tied copies are compared while the weights are written: the folder is kept only if they are equal.
