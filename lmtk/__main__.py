@@ -51,9 +51,14 @@ def main(dict_cfg: DictConfig) -> None:
         from lmtk.convert import run_convert
 
         results = run_convert(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
+    elif cfg.task is Task.inspect:
+        from lmtk.inspect import run_inspect
+
+        results = run_inspect(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        message = f"{len(failed)} of {len(results)} checkpoint(s) failed; see {run_dir / 'summary.json'}"
+        what = "would fail" if cfg.task is Task.inspect else "failed"
+        message = f"{len(failed)} of {len(results)} checkpoint(s) {what}; see {run_dir / 'summary.json'}"
         if multirun:
             sweep_summary = Path(hydra_cfg.sweep.dir).absolute() / "summary.json"
             raise CheckpointsFailed(f"{message} (all jobs: {sweep_summary})")
