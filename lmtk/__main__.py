@@ -1,4 +1,5 @@
-"""``python -m lmtk``: compose the config, route ``task`` to its function, set the exit code."""
+"""``lmtk`` (the console command) and ``python -m lmtk``: compose the config, route ``task`` to its function,
+set the exit code."""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``lmtk`` console command: the same Hydra app as ``python -m lmtk``, flags and overrides alike."""
     try:
         main()
     except SystemExit as e:
@@ -93,3 +95,7 @@ if __name__ == "__main__":
         _exit_now(e.code or 0)
     if _SINGLE_RUN:
         _exit_now(0)
+
+
+if __name__ == "__main__":
+    cli()
