@@ -128,8 +128,8 @@ def table(results: list[Planned], *, root: Path, output_dir: Path) -> str:
         lines += ["", *notes]
     planned = [r for r in results if r.status == "planned"]
     count = {s: sum(r.status == s for r in results) for s in DECISIONS}
-    lines += ["", f"{count['planned']} to convert ({Pace.size(sum(r.bytes_to_write for r in planned))}), "
-              f"{count['skipped']} skipped as finished, {count['failed']} refused"]
+    size = f" ({Pace.size(sum(r.bytes_to_write for r in planned))})" if planned else ""
+    lines += ["", f"{count['planned']} to convert{size}, {count['skipped']} skipped as finished, {count['failed']} refused"]
     return "\n".join(lines)
 
 
