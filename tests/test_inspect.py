@@ -117,6 +117,12 @@ def test_refusals_carry_the_conversions_own_error(tmp_path: Path) -> None:
     converted = lmtk("task=convert", f"convert.checkpoint_path={batch}", base, f"convert.output_dir={out}",
                      f"hydra.run.dir={tmp_path / 'convert-run'}", cwd=tmp_path)
     assert converted.returncode == 1
+    log = converted.stdout + converted.stderr
+    # One line as each checkpoint starts and one as it ends, with an ETA while some are left.
+    assert f"[1/3] converting {batch / 'checkpoint-2' / 'pytorch_model_fsdp_0'} " in log
+    assert re.search(rf"\[1/3\] failed {re.escape(str(out / 'checkpoint-2'))}: .*; ETA \d\d:\d\d for 2 more", log), log
+    assert re.search(rf"\[2/3\] done {re.escape(str(out / 'checkpoint-4'))} in [\d.]+s, 141kB; ETA \d\d:\d\d for 1 more", log)
+    assert re.search(r"\[3/3\] failed .*empty file \(0 bytes\)$", log, flags=re.M), log
     done = summary_of(tmp_path / "convert-run")
     assert [(Path(p["checkpoint"]).name, p["status"]) for p in planned] == [
         ("checkpoint-2", "failed"), ("checkpoint-4", "planned"), ("empty.pth", "failed")]
