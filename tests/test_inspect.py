@@ -9,10 +9,12 @@ import ctypes
 import json
 import mmap
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +215,58 @@ def test_inspect_leaves_the_tensor_bytes_on_disk(tmp_path: Path, layout: str) ->
     assert read <= min(2 << 20, size // 20), f"{read} of {size} bytes of {file} were read"
     file.read_bytes()  # the measure sees reads: the whole file is cached now
     assert _resident_bytes(file) >= size - mmap.PAGESIZE
+
+
+def _sparse_70b_run(root: Path) -> tuple[Path, Path]:
+    """One HF Trainer checkpoint of Llama-3-70B's shapes (bf16, FSDP over 8 ranks, DCP): real ``.metadata`` from
+    DCP's own classes, ``.distcp`` files of the sizes it names but sparse (no data written, a few MB on disk)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    hidden, inner, vocab, kv, world = 8192, 28672, 128256, 1024, 8
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inner, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+              "vocab_size": vocab, "max_position_embeddings": 8192, "rope_theta": 500000.0, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16"}
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for layer in range(80):
+        at = f"model.layers.{layer}."
+        shapes |= {at + "self_attn.q_proj.weight": (hidden, hidden), at + "self_attn.k_proj.weight": (kv, hidden),
+                   at + "self_attn.v_proj.weight": (kv, hidden), at + "self_attn.o_proj.weight": (hidden, hidden),
+                   at + "mlp.gate_proj.weight": (inner, hidden), at + "mlp.up_proj.weight": (inner, hidden),
+                   at + "mlp.down_proj.weight": (hidden, inner), at + "input_layernorm.weight": (hidden,),
+                   at + "post_attention_layernorm.weight": (hidden,)}
+    model = root / "run" / "checkpoint-1000" / "pytorch_model_fsdp_0"
+    model.mkdir(parents=True)
+    (model.parent / "trainer_state.json").write_text(json.dumps({"global_step": 1000, "epoch": 1.0}))
+    tensors, storage, ends = {}, {}, [0] * world
+    for name, shape in shapes.items():
+        rows, chunks = shape[0] // world, []
+        for rank in range(world):
+            offsets, sizes = torch.Size([rank * rows, *[0] * (len(shape) - 1)]), torch.Size([rows, *shape[1:]])
+            chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=sizes))
+            length = sizes.numel() * 2 + 1024  # the chunk's bytes and its small archive around them
+            storage[MetadataIndex(f"model.{name}", offsets)] = _StorageInfo(f"__{rank}_0.distcp", ends[rank], length)
+            ends[rank] += length
+        tensors[f"model.{name}"] = TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size(shape), chunks)
+    (model / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata=tensors, storage_data=storage)))
+    for rank, end in enumerate(ends):
+        with open(model / f"__{rank}_0.distcp", "wb") as f:
+            f.truncate(end)
+    return root / "run", root / "base"
+
+
+def test_inspect_of_a_70b_shaped_checkpoint_takes_seconds(tmp_path: Path) -> None:
+    run, base = _sparse_70b_run(tmp_path / "70b")
+    started = time.perf_counter()
+    shown, [plan] = inspect(run, f"convert.base_model={base}", work=tmp_path, out=tmp_path / "out")
+    seconds = time.perf_counter() - started
+    assert shown.returncode == 0 and plan["status"] == "planned", shown.stdout + shown.stderr[-2000:]
+    assert plan["bytes_to_write"] == 141_107_412_992 and plan["tensors"] == 723 and plan["dtype"] == "bfloat16"
+    assert plan["metadata"]["step"] == 1000
+    print(f"inspect of a 70B-shaped checkpoint: {seconds:.1f}s")
+    # Reading the 141 GB (zeros from sparse files) would take minutes; start-up and the plan take seconds.
+    assert seconds < 90, seconds
