@@ -63,6 +63,8 @@ def run_inspect(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
         results = [Planned(checkpoint=str(root / (options.only or "")), status="failed", error=str(e))]
     else:
         log.info("found %d checkpoint(s) under %s", len(units), root)
+        if options.checksum:  # skip decisions then compare sha256 sums, as the conversion's do
+            log.warning("convert.checksum=true: the dry run reads every byte of the checkpoints to fingerprint them")
         since = time.time() if since is None else since
         bases = _Bases(options.base_model, default=cfg.model.name_or_path)
         namings = load_namings(cfg.namings)
