@@ -1,4 +1,5 @@
-"""``python -m lmtk``: compose the config, route ``task`` to its function, set the exit code."""
+"""``lmtk`` (the console command) and ``python -m lmtk``: compose the config, route ``task`` to its function,
+set the exit code."""
 
 from __future__ import annotations
 
@@ -51,9 +52,14 @@ def main(dict_cfg: DictConfig) -> None:
         from lmtk.convert import run_convert
 
         results = run_convert(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
+    elif cfg.task is Task.inspect:
+        from lmtk.inspect import run_inspect
+
+        results = run_inspect(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        message = f"{len(failed)} of {len(results)} checkpoint(s) failed; see {run_dir / 'summary.json'}"
+        what = "would fail" if cfg.task is Task.inspect else "failed"
+        message = f"{len(failed)} of {len(results)} checkpoint(s) {what}; see {run_dir / 'summary.json'}"
         if multirun:
             sweep_summary = Path(hydra_cfg.sweep.dir).absolute() / "summary.json"
             raise CheckpointsFailed(f"{message} (all jobs: {sweep_summary})")
@@ -79,7 +85,8 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``lmtk`` console command: the same Hydra app as ``python -m lmtk``, flags and overrides alike."""
     try:
         main()
     except SystemExit as e:
@@ -88,3 +95,7 @@ if __name__ == "__main__":
         _exit_now(e.code or 0)
     if _SINGLE_RUN:
         _exit_now(0)
+
+
+if __name__ == "__main__":
+    cli()

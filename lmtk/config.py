@@ -15,6 +15,9 @@ from lmtk.sweep import sweep_units, sweep_values
 
 class Task(str, Enum):
     convert = "convert"
+    # What convert would do with each checkpoint, from metadata alone: nothing converted, nothing written
+    # to convert.output_dir (lmtk.inspect).
+    inspect = "inspect"
 
 
 class InitialFormat(str, Enum):

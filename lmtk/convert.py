@@ -23,6 +23,7 @@ from lmtk.config import ConvertConfig, DType, FinalFormat, InitialFormat, LmtkCo
 from lmtk.derived import CHECKPOINT, DerivedReader
 from lmtk.discover import Unit, discover
 from lmtk.errors import ConversionError, listing
+from lmtk.pace import Pace
 from lmtk.output import check_replaceable, fingerprint, staged_folder
 from lmtk.namings import Naming, choose, load_namings
 from lmtk.plan import Plan, fetcher
@@ -46,11 +47,7 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
     root = Path(options.checkpoint_path)
     bases = _Bases(options.base_model, default=cfg.model.name_or_path)
     try:
-        if options.write_workers < 1:
-            raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
-        layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
-        units = _selected(discover(root, layout=layout), root=root, only=options.only)
-        _refuse_output_inside(root, Path(options.output_dir))
+        units = find_units(options)
     except ConversionError as e:
         log.error("%s", e)
         results = [Result(checkpoint=str(root / (options.only or "")), status="failed", error=str(e))]
@@ -58,10 +55,23 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
         log.info("found %d checkpoint(s) under %s", len(units), root)
         since = time.time() if since is None else since
         namings = load_namings(cfg.namings)
-        results = [convert_unit(unit, bases=bases, namings=namings, options=options, since=since) for unit in units]
+        pace = Pace(len(units))
+        results = [convert_unit(unit, bases=bases, namings=namings, options=options, since=since, pace=pace)
+                   for unit in units]
     write_summary(run_dir / "summary.json", results)
     log_summary(results)
     return results
+
+
+def find_units(options: ConvertConfig) -> list[Unit]:
+    """The checkpoints this run is about, once the checks that stop a whole run have passed (else raise)."""
+    root = Path(options.checkpoint_path)
+    if options.write_workers < 1:
+        raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
+    layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
+    units = _selected(discover(root, layout=layout), root=root, only=options.only)
+    _refuse_output_inside(root, Path(options.output_dir))
+    return units
 
 
 def _selected(units: list[Unit], *, root: Path, only: str | None) -> list[Unit]:
@@ -105,11 +115,13 @@ class _Outcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float) -> Result:
+def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
+                 pace: Pace | None = None) -> Result:
     final = Path(options.output_dir).absolute() / unit.name
-    started = time.perf_counter()
+    pace = pace or Pace(1)
+    started = pace.start()
     trainer = f", {unit.trainer.name}" if unit.trainer else ""
-    log.info("converting %s (%s layout%s) -> %s", unit.model, unit.layout, trainer, final)
+    log.info("%s converting %s (%s layout%s) -> %s", pace.tag, unit.model, unit.layout, trainer, final)
     for sibling, what in unit.siblings():
         log.info("%s: skipping %s (%s)", unit.path, sibling.name, what)
     reader, metadata = None, {}
@@ -121,24 +133,19 @@ def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: C
         metadata = training_progress(unit, reader.info.metadata)
         outcome = _convert(reader, unit, base=base, base_origin=origin, namings=namings, final=final,
                            options=options, metadata=metadata, since=since)
-    except ConversionError as e:
-        log.error("%s", e)
-        return failed(error=str(e), metadata=metadata)
-    except OSError as e:  # disk full, permissions, a file vanishing mid-run
-        error = ConversionError(e.filename or final, e.strerror or str(e))
-        log.error("%s", error)
+    except Exception as e:
+        error = unit_error(e, unit=unit, final=final)
+        pace.end(started)
+        log.error("%s failed %s%s", pace.tag, error, pace.eta)
         return failed(error=str(error), metadata=metadata)
-    except Exception as e:  # a bug, not bad input: keep the batch going, keep the traceback in the log
-        log.error("%s: unexpected %s: %s", unit.path, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-        return failed(error=str(ConversionError(unit.path, f"unexpected {type(e).__name__}: {e}")), metadata=metadata)
     finally:
         if reader is not None:
             reader.close()
-    seconds = time.perf_counter() - started
+    seconds = pace.end(started)
     if outcome.status == "skipped":
-        log.info("skipped %s: %s is already converted from this very source", unit.path, final)
+        log.info("%s skipped %s: %s is already converted from this very source%s", pace.tag, unit.path, final, pace.eta)
     else:
-        log.info("done %s in %.1fs (%.1f MB)", final, seconds, outcome.bytes_written / 1e6)
+        log.info("%s done %s in %.1fs, %s%s", pace.tag, final, seconds, pace.size(outcome.bytes_written), pace.eta)
     return Result(
         checkpoint=str(unit.path), status=outcome.status, output=str(final), layout=unit.layout,  # type: ignore[arg-type]
         seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=metadata, verify=outcome.verify,
@@ -146,35 +153,98 @@ def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: C
     )
 
 
+def unit_error(e: Exception, *, unit: Unit, final: Path) -> ConversionError:
+    """The one line a checkpoint fails with, whatever was raised: one failure never stops the batch."""
+    if isinstance(e, ConversionError):
+        return e
+    if isinstance(e, OSError):  # disk full, permissions, a file vanishing mid-run
+        return ConversionError(e.filename or final, e.strerror or str(e))
+    # A bug, not bad input: the traceback goes to the log.
+    log.debug("%s: unexpected %s", unit.path, type(e).__name__, exc_info=e)
+    return ConversionError(unit.path, f"unexpected {type(e).__name__}: {e}")
+
+
+@dataclass
+class Prepared:
+    """What converting a unit will do, decided from metadata alone (no tensor read): skip it, or write ``outputs``."""
+
+    fingerprint: dict[str, Any]
+    # conversion.json of the finished folder already at the output (skipped, or to be replaced), if any.
+    existing: dict[str, Any] | None = None
+    skipped: bool = False
+    adapter: _Adapter | None = None
+    naming: Naming | None = None
+    reader: Reader | None = None  # what the plan reads from: the reader renamed, merged with its adapter, ...
+    plan: Plan | None = None
+    dtype: torch.dtype | None = None  # the cast, when convert.dtype asks for one
+    # What will be written: the plan's outputs, or the adapter folder's tensors; and the names they come from.
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+    label: str = ""
+
+    def close(self) -> None:
+        if self.adapter is not None and self.adapter.base_weights is not None:
+            self.adapter.base_weights.close()
+
+
+def prepare(reader: Reader, unit: Unit, *, base: BaseModel, namings: list[Naming], final: Path,
+            options: ConvertConfig, since: float) -> Prepared:
+    """Skip, refuse (raise) or plan one unit; the conversion and ``task=inspect`` both decide here."""
+    source = str(unit.path.resolve())
+    adapter = _adapter(reader, unit, base=base, options=options)
+    prepared = Prepared({}, adapter=adapter)
+    try:
+        files = reader.info.files + (adapter.files if adapter else [])
+        prepared.fingerprint = fingerprint(files, options=_output_options(options, base=base, adapter=adapter),
+                                           checksum=options.checksum)
+        if final.exists() or final.is_symlink():
+            prepared.existing = check_replaceable(final, source=source, overwrite=options.overwrite, since=since)
+            if prepared.existing.get("fingerprint") == prepared.fingerprint and not options.overwrite:
+                prepared.skipped = True
+                return prepared
+            if prepared.existing.get("source") == source:
+                log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
+        prepared.dtype = dtype = _target_dtype(options.dtype, base.config_dict)
+        if adapter is not None and options.final_format is FinalFormat.peft:
+            tensors = adapter_tensors(adapter.lora, adapter.checked, reader.specs(), base={})
+            prepared.reader, prepared.label = DerivedReader({CHECKPOINT: reader}, tensors), "peft"
+            prepared.outputs = {n: _cast(e.spec, dtype) for n, e in tensors.items()}
+            return prepared
+        if adapter is not None:
+            reader = merged(reader, adapter.lora, adapter.checked, base=adapter.base_weights)
+        prepared.naming, prepared.reader, plan = choose(reader, base.architecture, namings, config=base.config_dict)
+        plan.outputs = {k: _cast(v, dtype) for k, v in plan.outputs.items()}
+        prepared.plan, prepared.outputs, prepared.label = plan, plan.outputs, prepared.naming.name
+        return prepared
+    except BaseException:
+        prepared.close()
+        raise
+
+
+def _cast(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
+    return TensorSpec(spec.shape, dtype) if dtype is not None and spec.dtype.is_floating_point else spec
+
+
 def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, namings: list[Naming], final: Path,
              options: ConvertConfig, metadata: dict[str, Any], since: float) -> _Outcome:
     source = str(unit.path.resolve())
-    adapter = _adapter(reader, unit, base=base, options=options, metadata=metadata)
+
+    def may_replace(folder: Path) -> dict[str, Any]:
+        return check_replaceable(folder, source=source, overwrite=options.overwrite, since=since)
+
+    prepared = prepare(reader, unit, base=base, namings=namings, final=final, options=options, since=since)
     try:
-        files = reader.info.files + (adapter.files if adapter else [])
-        current = fingerprint(files, options=_output_options(options, base=base, adapter=adapter),
-                              checksum=options.checksum)
-
-        def may_replace(folder: Path) -> dict[str, Any]:
-            return check_replaceable(folder, source=source, overwrite=options.overwrite, since=since)
-
-        if final.exists() or final.is_symlink():
-            marker = may_replace(final)
-            if marker.get("fingerprint") == current and not options.overwrite:
-                return _Outcome("skipped")
-            if marker.get("source") == source:
-                log.info("%s was converted from an earlier version of %s; converting again", final, unit.path)
-        arch = base.architecture
+        if prepared.skipped:
+            return _Outcome("skipped")
+        adapter = prepared.adapter
+        warnings = _adapter_warnings(reader, unit, adapter, metadata=metadata) if adapter else []
         context = _Context(unit=unit, base=base, base_origin=base_origin, final=final, options=options,
-                           metadata=metadata, fingerprint=current, may_replace=may_replace)
+                           metadata=metadata, fingerprint=prepared.fingerprint, may_replace=may_replace,
+                           warnings=warnings)
         if adapter is not None and options.final_format is FinalFormat.peft:
-            return _write_adapter(reader, adapter, arch, context)
-        if adapter is not None:
-            reader = merged(reader, adapter.lora, adapter.checked, base=adapter.base_weights)
-        return _write_model(reader, arch, namings, context, adapter=adapter)
+            return _write_adapter(prepared, base.architecture, context)
+        return _write_model(prepared, base.architecture, context)
     finally:
-        if adapter is not None and adapter.base_weights is not None:
-            adapter.base_weights.close()
+        prepared.close()
 
 
 @dataclass
@@ -189,15 +259,13 @@ class _Context:
     metadata: dict[str, Any]
     fingerprint: dict[str, Any]
     may_replace: Any
+    warnings: list[str]
 
 
-def _write_model(reader: Reader, arch: Architecture, namings: list[Naming], ctx: _Context, *,
-                 adapter: _Adapter | None) -> _Outcome:
-    options, base = ctx.options, ctx.base
-    naming, reader, plan = choose(reader, arch, namings, config=base.config_dict)
-    dtype = _target_dtype(options.dtype, base.config_dict)
-    if dtype is not None:
-        plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
+def _write_model(prepared: Prepared, arch: Architecture, ctx: _Context) -> _Outcome:
+    options, base, adapter = ctx.options, ctx.base, prepared.adapter
+    naming, reader, plan, dtype = prepared.naming, prepared.reader, prepared.plan, prepared.dtype
+    assert naming is not None and reader is not None and plan is not None
     with ThreadPoolExecutor(1, thread_name_prefix="lmtk-tied") as side, \
             staged_folder(ctx.final, may_replace=ctx.may_replace) as folder:
         # Tied copies are compared while the weights are written: the folder is kept only if they are equal.
@@ -206,42 +274,38 @@ def _write_model(reader: Reader, arch: Architecture, namings: list[Naming], ctx:
         write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=ctx.final.name,
                             workers=options.write_workers)
         tied.result()
-        written_dtype = str(_main_dtype(plan)).removeprefix("torch.")
+        written_dtype = str(_main_dtype(plan.outputs)).removeprefix("torch.")
         base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype)
         base.save_generation_config(folder)
         base.save_tokenizer(folder)
         verified = _verify(folder, reader, plan, arch, naming, base=base, options=options) if options.verify else None
-        warnings = adapter.warnings if adapter else []
         record = provenance(ctx.unit, reader, plan, fingerprint=ctx.fingerprint, dtype=written_dtype,
                             metadata=ctx.metadata, base_model=base.name_or_path, base_origin=ctx.base_origin,
-                            naming=naming.name, verify=verified, warnings=warnings,
+                            naming=naming.name, verify=verified, warnings=ctx.warnings,
                             adapter=adapter.record("merged") if adapter else None)
         write_provenance(folder, record, architecture=arch.class_name)
-    return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified, warnings)
+    return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified, ctx.warnings)
 
 
-def _write_adapter(reader: Reader, adapter: _Adapter, arch: Architecture, ctx: _Context) -> _Outcome:
+def _write_adapter(prepared: Prepared, arch: Architecture, ctx: _Context) -> _Outcome:
     """final_format=peft: adapter_model.safetensors and adapter_config.json as PeftModel.save_pretrained writes them."""
-    options, base = ctx.options, ctx.base
-    tensors = adapter_tensors(adapter.lora, adapter.checked, reader.specs(), base={})
-    view = DerivedReader({CHECKPOINT: reader}, tensors)
+    options, base, adapter, view = ctx.options, ctx.base, prepared.adapter, prepared.reader
+    assert adapter is not None and view is not None
     memory = arch.namings[0].params
     config = adapter_config(adapter.lora, adapter.checked, adapter.scale, base_model=_base_id(base),
                             module_names={n.rsplit(".", 1)[0] for n in memory})
-    dtype = _target_dtype(options.dtype, base.config_dict)
-    specs = {n: TensorSpec(e.spec.shape, dtype) if dtype and e.spec.dtype.is_floating_point else e.spec
-             for n, e in tensors.items()}
+    specs = prepared.outputs
     with staged_folder(ctx.final, may_replace=ctx.may_replace) as folder:
-        fetch = streamed(view.read_pieces, path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
+        fetch = streamed(view.read_pieces, path=view.path, dtype=prepared.dtype, nonfinite=options.nonfinite)
         write_safetensors(folder / "adapter_model.safetensors", specs, fetch)
         config.save_pretrained(str(folder))
         base.save_tokenizer(folder)
-        written = {str(s.dtype).removeprefix("torch.") for s in specs.values()}
-        record = provenance(ctx.unit, reader, None, fingerprint=ctx.fingerprint, dtype=", ".join(sorted(written)),
-                            metadata=ctx.metadata, base_model=base.name_or_path, base_origin=ctx.base_origin,
-                            naming="peft", verify=None, warnings=adapter.warnings, adapter=adapter.record("peft"))
+        written = ", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in specs.values()}))
+        record = provenance(ctx.unit, view, None, fingerprint=ctx.fingerprint, dtype=written, metadata=ctx.metadata,
+                            base_model=base.name_or_path, base_origin=ctx.base_origin, naming="peft", verify=None,
+                            warnings=ctx.warnings, adapter=adapter.record("peft"))
         write_provenance(folder, record, architecture=arch.class_name)
-    return _Outcome("ok", sum(s.nbytes for s in specs.values()), None, adapter.warnings)
+    return _Outcome("ok", sum(s.nbytes for s in specs.values()), None, ctx.warnings)
 
 
 def _base_id(base: BaseModel) -> str:
@@ -260,7 +324,6 @@ class _Adapter:
     base_weights: Reader | None
     # The record and base weights read: part of the fingerprint.
     files: list[Path]
-    warnings: list[str]
 
     def record(self, output: str) -> dict[str, Any]:
         ranks = sorted({c.rank for c in self.checked.values()})
@@ -272,9 +335,8 @@ class _Adapter:
                 "base_weights_from": str(self.base_weights.path) if self.base_weights else "the checkpoint"}
 
 
-def _adapter(reader: Reader, unit: Unit, *, base: BaseModel, options: ConvertConfig,
-             metadata: dict[str, Any]) -> _Adapter | None:
-    """The checkpoint's LoRA adapter, when it holds one; every check that can fail before writing is made here."""
+def _adapter(reader: Reader, unit: Unit, *, base: BaseModel, options: ConvertConfig) -> _Adapter | None:
+    """The checkpoint's LoRA adapter, when it holds one, checked from metadata (names, shapes, the record)."""
     specs = reader.specs()
     lora = find_lora(reader.path, specs, adapter_name=options.lora.adapter_name)
     if lora is None:
@@ -293,30 +355,35 @@ def _adapter(reader: Reader, unit: Unit, *, base: BaseModel, options: ConvertCon
     try:
         checked = check(reader.path, lora, scale, specs, base=base_weights.specs() if base_weights else {},
                         transposed=arch.transposed, model_params=memory.params)
-        log.info("%s: LoRA adapter on %d modules (r %s, lora_alpha %s from %s)%s", unit.path, len(checked),
-                 "/".join(map(str, sorted({c.rank for c in checked.values()}))), scale.alpha, scale.source,
-                 f"; base weights from {base_weights.path}" if base_weights else "")
-        warnings = []
-        if metadata.get("step") != 0 and untrained(reader, lora):
-            at = f" at step {metadata['step']}" if "step" in metadata else ""
-            warnings.append(f"every lora_B is exactly zero{at}: the adapter is untrained or was mis-gathered, so "
-                            "the merged model equals its base")
-        if (copy := unit.adapter_copy()) is not None:
-            from safetensors.torch import load_file
-
-            differ = same_tensors(reader, load_file(copy), adapter_tensors(lora, checked, specs, base={}))
-            if differ:
-                warnings.append(f"the trainer's own {copy.name} differs from the FSDP part in {len(differ)} tensor(s) "
-                                f"({listing(differ, limit=3)}; only rank 0's slice?); converting the FSDP part")
-        for warning in warnings:
-            log.warning("%s: %s", unit.path, warning)
     except BaseException:
         if base_weights is not None:
             base_weights.close()
         raise
+    log.info("%s: LoRA adapter on %d modules (r %s, lora_alpha %s from %s)%s", unit.path, len(checked),
+             "/".join(map(str, sorted({c.rank for c in checked.values()}))), scale.alpha, scale.source,
+             f"; base weights from {base_weights.path}" if base_weights else "")
     files = [Path(scale.source)] if Path(scale.source).is_file() else []
-    return _Adapter(lora, scale, checked, base_weights, files + (base_weights.info.files if base_weights else []),
-                    warnings)
+    return _Adapter(lora, scale, checked, base_weights, files + (base_weights.info.files if base_weights else []))
+
+
+def _adapter_warnings(reader: Reader, unit: Unit, adapter: _Adapter, *, metadata: dict[str, Any]) -> list[str]:
+    """What the adapter's bytes say (read before writing): never trained, or the trainer's own copy disagreeing."""
+    warnings = []
+    if metadata.get("step") != 0 and untrained(reader, adapter.lora):
+        at = f" at step {metadata['step']}" if "step" in metadata else ""
+        warnings.append(f"every lora_B is exactly zero{at}: the adapter is untrained or was mis-gathered, so "
+                        "the merged model equals its base")
+    if (copy := unit.adapter_copy()) is not None:
+        from safetensors.torch import load_file
+
+        tensors = adapter_tensors(adapter.lora, adapter.checked, reader.specs(), base={})
+        differ = same_tensors(reader, load_file(copy), tensors)
+        if differ:
+            warnings.append(f"the trainer's own {copy.name} differs from the FSDP part in {len(differ)} tensor(s) "
+                            f"({listing(differ, limit=3)}; only rank 0's slice?); converting the FSDP part")
+    for warning in warnings:
+        log.warning("%s: %s", unit.path, warning)
+    return warnings
 
 
 def _output_options(options: ConvertConfig, *, base: BaseModel, adapter: _Adapter | None) -> dict[str, Any]:
@@ -364,9 +431,9 @@ def _check_tied(reader: Reader, plan: Plan) -> None:
             )
 
 
-def _main_dtype(plan: Plan) -> torch.dtype:
+def _main_dtype(outputs: dict[str, TensorSpec]) -> torch.dtype:
     by_dtype: dict[torch.dtype, int] = {}
-    for spec in plan.outputs.values():
+    for spec in outputs.values():
         if spec.dtype.is_floating_point:
             by_dtype[spec.dtype] = by_dtype.get(spec.dtype, 0) + spec.nbytes
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-Status = Literal["ok", "skipped", "failed"]
+# "planned": what task=inspect says of a checkpoint that task=convert would convert ("ok" once it has).
+Status = Literal["ok", "skipped", "failed", "planned"]
 
 
 @dataclass

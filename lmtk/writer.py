@@ -74,7 +74,9 @@ def write_model_weights(
     shards = plan_shards(specs, max_shard_size=max_shard_size)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(specs), desc=label, unit="tensor", disable=not sys.stderr.isatty(), leave=False)
+    # Bytes, not tensors: a 70B model's tensors range from KBs to GBs. Only on a terminal, and not at verbose_level=0.
+    bar = tqdm(total=sum(s.nbytes for s in specs.values()), desc=label, unit="B", unit_scale=True, leave=False,
+               disable=not (sys.stderr.isatty() and log.isEnabledFor(logging.INFO)))
 
     def write(filename: str) -> None:
         write_safetensors(folder / filename, {n: specs[n] for n in shards[filename]}, fetch, on_tensor=bar.update)
@@ -121,7 +123,7 @@ def write_safetensors(
                 written += ranges.copy(piece, f, flush.advance) or _write_all(f, _bytes_of(piece), flush.advance)
             if written != spec.nbytes:
                 raise ValueError(f"{name}: got {written} bytes, planned {spec.nbytes} for {list(spec.shape)}")
-            on_tensor(1)
+            on_tensor(spec.nbytes)
         os.fsync(f.fileno())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -75,11 +76,15 @@ def test_regular_install_finds_configs_and_example(tmp_path: Path) -> None:
     assert "lmtk/conf/sweep/checkpoints.yaml" in names and "lmtk/conf/hydra/launcher/convert_slurm.yaml" in names
     assert "lmtk/conf/naming/torchtitan_llama3.yaml" in names and "lmtk/conf/sweep/units.yaml" in names
     assert "hydra_plugins/lmtk_launchers/__init__.py" in names and "hydra_plugins/__init__.py" not in names
+    assert "lmtk/conf/task/inspect.yaml" in names and "lmtk/conf/hydra/help/lmtk.yaml" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     work = tmp_path / "elsewhere"
     work.mkdir()
+    command = subprocess.run([str(site / "bin" / "lmtk"), "--help"], cwd=work, env={**os.environ, "PYTHONPATH": str(site)},
+                             capture_output=True, text=True, timeout=120)
+    assert command.returncode == 0 and "lmtk task=inspect" in command.stdout, command.stderr[-2000:]
     proc = run_lmtk("+experiment=example", "hydra.run.dir=run", cwd=work, env={"PYTHONPATH": str(site)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((work / "run" / "summary.json").read_text())["results"]

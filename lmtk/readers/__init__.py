@@ -18,7 +18,9 @@ READERS = {"full": FullStateDictReader, "dcp": DcpReader, "ranks": RankShardRead
            "safetensors": SafetensorsReader}
 
 
-def open_reader(path: Path, layout: str, *, allowed_globals: Sequence[str] = ()) -> Reader:
+def open_reader(path: Path, layout: str, *, allowed_globals: Sequence[str] = (), readahead: bool = True) -> Reader:
+    """The reader of ``layout`` (metadata read, tensors left on disk); ``readahead`` starts the disk reading them."""
     reader = READERS[layout](path, allowed_globals=allowed_globals)
-    prefetch(reader.info.files)
+    if readahead:
+        prefetch(reader.info.files)
     return reader
