@@ -1,6 +1,6 @@
-"""The base model: its folder (config and tokenizer files), and the architecture its config describes.
+"""The base model: its folder (config, tokenizer and processor files), and the architecture its config describes.
 
-Config and tokenizer files are copied as they are. The architecture (names and shapes from the model
+Config, tokenizer and processor files are copied as they are. The architecture (names and shapes from the model
 class on the meta device) is cached per config and transformers version, so later runs on the same
 base skip importing the model code: most of lmtk's start-up time.
 """
@@ -30,7 +30,10 @@ TOKENIZER_FILES = (
     "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json", "tokenizer.tiktoken",
 )
-_HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+# What AutoProcessor reads besides the tokenizer (vision-language models); copied as files, so lmtk needs
+# neither PIL nor torchvision.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+_HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES]
 
 
 @dataclass
@@ -38,6 +41,8 @@ class BaseModel:
     """``convert.base_model``: a local folder, or a hub id (from the local cache when offline)."""
 
     name_or_path: str
+    # convert.model_class: the transformers class to build instead of the one the config names.
+    model_class: str | None = None
 
     @cached_property
     def folder(self) -> Path:
@@ -86,18 +91,19 @@ class BaseModel:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         try:
-            arch = build_architecture(self.config)
-        except ValueError as e:  # not a causal LM, or a weight mapping we cannot stream
+            arch = build_architecture(self.config, override=self.model_class)
+        except ValueError as e:  # no model class for it, or a weight mapping we cannot stream
             raise ConversionError(self.name_or_path, f"cannot convert to this model: {e}") from e
         _write_atomically(cache, json.dumps(arch.to_json()))
         return arch
 
     def _architecture_key(self) -> str:
         canonical = json.dumps(self.config_dict, sort_keys=True)
-        return hashlib.sha256(f"{canonical}|{version('transformers')}|{__version__}".encode()).hexdigest()[:32]
+        key = f"{canonical}|{self.model_class}|{version('transformers')}|{__version__}"
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def _meta_model(self) -> Any:
-        return build_architecture(self.config).model
+        return build_architecture(self.config, override=self.model_class).model
 
     def save_config(self, folder: Path, *, architectures: list[str], dtype: str) -> None:
         config = {**self.config_dict, "architectures": architectures, "dtype": dtype}
@@ -116,8 +122,8 @@ class BaseModel:
             (folder / "generation_config.json").write_text(json.dumps(derived, indent=2, sort_keys=True) + "\n")
 
     def save_tokenizer(self, folder: Path) -> list[str]:
-        """Copy the base's tokenizer files; nothing (and a warning, once) when it has none."""
-        found = [name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+        """Copy the base's tokenizer and processor files; nothing (and a warning, once) when it has none."""
+        found = [name for name in (*TOKENIZER_FILES, *PROCESSOR_FILES) if (self.folder / name).is_file()]
         if not found:
             if not getattr(self, "_warned", False):
                 log.warning("%s: no tokenizer files; outputs get weights and config only", self.name_or_path)

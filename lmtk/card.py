@@ -17,7 +17,7 @@ from lmtk.readers.base import Reader
 
 def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str, Any], dtype: str,
                metadata: dict[str, Any], base_model: str, base_origin: str, naming: Naming,
-               verify: dict[str, Any] | None) -> dict[str, Any]:
+               verify: dict[str, Any] | None, model_class: tuple[str, str] = ("", "")) -> dict[str, Any]:
     info = reader.info
     return {
         "lmtk_version": __version__,
@@ -32,6 +32,8 @@ def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str,
         "base_model": base_model,
         "base_model_from": base_origin,
         "dtype": dtype,
+        "model_class": model_class[0],
+        "model_class_from": model_class[1],
         "codebase_naming": naming.name,
         "naming": plan.naming.name,
         "renamed": plan.renamed,

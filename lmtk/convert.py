@@ -41,7 +41,7 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
     """
     options = cfg.convert
     root = Path(options.checkpoint_path)
-    bases = _Bases(options.base_model, default=cfg.model.name_or_path)
+    bases = _Bases(options.base_model, default=cfg.model.name_or_path, model_class=options.model_class)
     try:
         if options.write_workers < 1:
             raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
@@ -80,8 +80,8 @@ def _refuse_output_inside(checkpoint_path: Path, output_dir: Path) -> None:
 class _Bases:
     """The base model of each checkpoint: ``convert.base_model``, else the checkpoint's own, else the model group's."""
 
-    def __init__(self, explicit: str | None, *, default: str) -> None:
-        self._explicit, self._default = explicit, default
+    def __init__(self, explicit: str | None, *, default: str, model_class: str | None = None) -> None:
+        self._explicit, self._default, self._model_class = explicit, default, model_class
         self._loaded: dict[str, BaseModel] = {}  # one architecture build per base, however many checkpoints
 
     def of(self, unit: Unit) -> tuple[BaseModel, str]:
@@ -91,7 +91,7 @@ class _Bases:
             name, origin = str(own), "the checkpoint" if own.is_relative_to(unit.path) else "the training run"
         else:
             name, origin = self._default, "model.name_or_path"
-        return self._loaded.setdefault(name, BaseModel(name)), origin
+        return self._loaded.setdefault(name, BaseModel(name, model_class=self._model_class)), origin
 
 
 @dataclass
@@ -175,7 +175,8 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
         base.save_tokenizer(folder)
         verified = _verify(folder, reader, plan, arch, naming, base=base, options=options) if options.verify else None
         record = provenance(unit, reader, plan, fingerprint=current, dtype=written_dtype, metadata=metadata,
-                            base_model=base.name_or_path, base_origin=base_origin, naming=naming, verify=verified)
+                            base_model=base.name_or_path, base_origin=base_origin, naming=naming, verify=verified,
+                            model_class=(arch.class_name, arch.class_from))
         write_provenance(folder, record, architecture=arch.class_name)
     return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified)
 
@@ -183,7 +184,8 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
 def _output_options(options: ConvertConfig, *, base: BaseModel) -> dict[str, Any]:
     """The settings that change what is written: a rerun with other values converts again."""
     return {"base_model": base.name_or_path, "max_shard_size": options.max_shard_size, "lmtk": __version__,
-            "dtype": options.dtype.value if options.dtype else None}
+            "dtype": options.dtype.value if options.dtype else None,
+            **({"model_class": options.model_class} if options.model_class else {})}
 
 
 def _target_dtype(choice: DType | None, config: dict[str, Any]) -> torch.dtype | None:
@@ -199,7 +201,8 @@ def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming
             options: ConvertConfig) -> dict[str, Any]:
     params = sum(math.prod(spec.shape) for spec in plan.outputs.values())
     reference = reference_logits(base.config, reader, plan, arch) if params <= options.verify_max_params else None
-    result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params, label=str(reader.path))
+    result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params, label=str(reader.path),
+                           class_name=arch.class_name)
     # Say what the comparison can catch: the reference holds the tensors as lmtk named them.
     result["reference"] = (
         "a float32 model holding the source tensors under the training code's names" if naming.is_hf else
