@@ -105,8 +105,10 @@ class BaseModel:
     def _meta_model(self) -> Any:
         return build_architecture(self.config, override=self.model_class).model
 
-    def save_config(self, folder: Path, *, architectures: list[str], dtype: str) -> None:
-        config = {**self.config_dict, "architectures": architectures, "dtype": dtype}
+    def save_config(self, folder: Path, *, architectures: list[str], dtype: str,
+                    config: dict[str, Any] | None = None) -> None:
+        """The base's config.json (or ``config``: a text model extracted from it) with the written class and dtype."""
+        config = {**(self.config_dict if config is None else config), "architectures": architectures, "dtype": dtype}
         config.pop("torch_dtype", None)  # the older name of "dtype"
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -121,9 +123,10 @@ class BaseModel:
             derived["_from_model_config"] = True
             (folder / "generation_config.json").write_text(json.dumps(derived, indent=2, sort_keys=True) + "\n")
 
-    def save_tokenizer(self, folder: Path) -> list[str]:
-        """Copy the base's tokenizer and processor files; nothing (and a warning, once) when it has none."""
-        found = [name for name in (*TOKENIZER_FILES, *PROCESSOR_FILES) if (self.folder / name).is_file()]
+    def save_tokenizer(self, folder: Path, *, processor: bool = True) -> list[str]:
+        """Copy the base's tokenizer (and processor) files; nothing (and a warning, once) when it has none."""
+        names = (*TOKENIZER_FILES, *PROCESSOR_FILES) if processor else TOKENIZER_FILES
+        found = [name for name in names if (self.folder / name).is_file()]
         if not found:
             if not getattr(self, "_warned", False):
                 log.warning("%s: no tokenizer files; outputs get weights and config only", self.name_or_path)

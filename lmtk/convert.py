@@ -27,6 +27,7 @@ from lmtk.progress import training_progress
 from lmtk.readers import Reader, TensorSpec, open_reader
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
+from lmtk.text_only import extract
 from lmtk.verify import reference_logits, verify_folder
 from lmtk.writer import write_model_weights
 
@@ -158,6 +159,9 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
 
     arch = base.architecture
     naming, reader, plan = choose(reader, arch, namings, config=base.config_dict)
+    config = None  # the base's, unless the language model is extracted
+    if options.text_only:
+        reader, plan, arch, config = extract(reader, plan, arch, config=base.config)
     dtype = _target_dtype(options.dtype, base.config_dict)
     if dtype is not None:
         plan.outputs = {k: TensorSpec(v.shape, dtype) if v.dtype.is_floating_point else v for k, v in plan.outputs.items()}
@@ -170,10 +174,12 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
                             workers=options.write_workers)
         tied.result()
         written_dtype = str(_main_dtype(plan)).removeprefix("torch.")
-        base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype)
+        base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype,
+                         config=config.to_dict() if config is not None else None)
         base.save_generation_config(folder)
-        base.save_tokenizer(folder)
-        verified = _verify(folder, reader, plan, arch, naming, base=base, options=options) if options.verify else None
+        base.save_tokenizer(folder, processor=config is None)
+        verified = (_verify(folder, reader, plan, arch, naming, config=config or base.config, options=options)
+                    if options.verify else None)
         record = provenance(unit, reader, plan, fingerprint=current, dtype=written_dtype, metadata=metadata,
                             base_model=base.name_or_path, base_origin=base_origin, naming=naming, verify=verified,
                             model_class=(arch.class_name, arch.class_from))
@@ -185,7 +191,8 @@ def _output_options(options: ConvertConfig, *, base: BaseModel) -> dict[str, Any
     """The settings that change what is written: a rerun with other values converts again."""
     return {"base_model": base.name_or_path, "max_shard_size": options.max_shard_size, "lmtk": __version__,
             "dtype": options.dtype.value if options.dtype else None,
-            **({"model_class": options.model_class} if options.model_class else {})}
+            **({"model_class": options.model_class} if options.model_class else {}),
+            **({"text_only": True} if options.text_only else {})}
 
 
 def _target_dtype(choice: DType | None, config: dict[str, Any]) -> torch.dtype | None:
@@ -197,10 +204,10 @@ def _target_dtype(choice: DType | None, config: dict[str, Any]) -> torch.dtype |
     return getattr(torch, choice.value)
 
 
-def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming: Naming, *, base: BaseModel,
+def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming: Naming, *, config: Any,
             options: ConvertConfig) -> dict[str, Any]:
     params = sum(math.prod(spec.shape) for spec in plan.outputs.values())
-    reference = reference_logits(base.config, reader, plan, arch) if params <= options.verify_max_params else None
+    reference = reference_logits(config, reader, plan, arch) if params <= options.verify_max_params else None
     result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params, label=str(reader.path),
                            class_name=arch.class_name)
     # Say what the comparison can catch: the reference holds the tensors as lmtk named them.

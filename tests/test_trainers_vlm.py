@@ -92,3 +92,40 @@ def test_verify_passes_on_a_vlm_and_says_its_input_is_text_only(converted: Conve
     marker = json.loads((Path(result.output) / "conversion.json").read_text())
     assert (marker["model_class"], marker["model_class_from"]) == ("Qwen2_5_VLForConditionalGeneration",
                                                                     "the config's architectures")
+
+
+@pytest.mark.parametrize("name,text_class", [("vlm_hf_trainer_qwen2_5_vl", "Qwen2ForCausalLM"),
+                                             ("vlm_hf_trainer_llava", "LlamaForCausalLM"),
+                                             ("vlm_hf_trainer_gemma3", "Gemma3ForCausalLM")])
+def test_text_only_writes_the_language_model_as_a_causal_lm(tmp_path: Path, name: str, text_class: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from helpers import convert
+
+    unit = "checkpoint-4"
+    [result] = convert(tmp_path, checkpoint=FIXTURES / name / "run" / unit, base=FIXTURES / name / "base",
+                       out=tmp_path / "out", overrides=("convert.text_only=true", "convert.verify=true"))
+    assert result.status == "ok", result.error
+    folder = Path(result.output)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [text_class] and "vision_config" not in config
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert type(model).__name__ == text_class and not any(info.values()), info
+    reference = reference_of(name)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=reference["input_ids"]).logits
+    assert (logits - reference["text_logits"][unit]).abs().max().item() <= 1e-5
+    marker = json.loads((folder / "conversion.json").read_text())
+    vision = [k for k in marker["dropped"] if "vision" in k or "visual" in k]
+    assert vision and not any("vision" in k or "visual" in k for k in load_file(folder / "model.safetensors"))
+    assert not (folder / "processor_config.json").exists() and (folder / "tokenizer.json").is_file()
+    assert result.verify["passed"] is True and "input" not in result.verify
+
+
+def test_text_only_refuses_a_text_model(llama, tmp_path: Path) -> None:
+    from helpers import convert
+
+    [result] = convert(tmp_path, checkpoint=llama["bare"], base=llama.base, out=tmp_path / "out",
+                       overrides=("convert.text_only=true",))
+    assert result.status == "failed" and "nests no text_config" in result.error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
