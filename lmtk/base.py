@@ -117,8 +117,10 @@ class BaseModel:
         if (self.folder / "generation_config.json").is_file():
             shutil.copyfile(self.folder / "generation_config.json", folder / "generation_config.json")
             return
-        derived = {k: self.config_dict[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if self.config_dict.get(k) is not None}
+        # A vision-language config keeps its special tokens in text_config.
+        sources = (self.config_dict, self.config_dict.get("text_config") or {})
+        derived = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if (v := next((c[k] for c in sources if c.get(k) is not None), None)) is not None}
         if derived:
             derived["_from_model_config"] = True
             (folder / "generation_config.json").write_text(json.dumps(derived, indent=2, sort_keys=True) + "\n")
