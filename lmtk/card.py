@@ -45,19 +45,33 @@ def provenance(unit: Unit, reader: Reader, plan: Plan, *, fingerprint: dict[str,
 
 def write_provenance(folder: Path, record: dict[str, Any], *, architecture: str) -> None:
     """The model card first, ``conversion.json`` last: its presence means the folder is finished."""
-    (folder / "README.md").write_text(model_card(record, architecture=architecture))
+    multimodal = any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+    (folder / "README.md").write_text(model_card(record, architecture=architecture, multimodal=multimodal))
     (folder / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def _front_matter(base: str) -> str:
+def _front_matter(base: str, *, multimodal: bool) -> str:
     """The card's metadata, as the hub reads it (JSON strings are YAML strings); a local base is no hub id."""
-    lines = ["library_name: transformers", "pipeline_tag: text-generation", "tags:", "- lmtk", "- fsdp"]
+    pipeline = "image-text-to-text" if multimodal else "text-generation"
+    lines = ["library_name: transformers", f"pipeline_tag: {pipeline}", "tags:", "- lmtk", "- fsdp"]
     if not Path(base).exists():
         lines.append(f"base_model: {json.dumps(base)}")
     return "\n".join(lines)
 
 
-def model_card(record: dict[str, Any], *, architecture: str) -> str:
+def _usage(architecture: str, *, multimodal: bool) -> str:
+    if not multimodal:
+        return """from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")"""
+    return f"""from transformers import AutoProcessor, {architecture}
+
+model = {architecture}.from_pretrained("path/to/this/folder")
+processor = AutoProcessor.from_pretrained("path/to/this/folder")"""
+
+
+def model_card(record: dict[str, Any], *, architecture: str, multimodal: bool = False) -> str:
     base = record["base_model"]
     meta = record["metadata"]
     trained = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "step", "iteration") if k in meta) or "not recorded"
@@ -70,7 +84,7 @@ def model_card(record: dict[str, Any], *, architecture: str) -> str:
                f"against the source in float32 (tolerance {verify['tolerance']:.3g})")
     name = Path(record["source"]).name
     return f"""---
-{_front_matter(base)}
+{_front_matter(base, multimodal=multimodal)}
 ---
 
 # {name}
@@ -88,10 +102,7 @@ A `{architecture}` converted by lmtk {record['lmtk_version']} from an FSDP train
 | converted | {record['created']} |
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+{_usage(architecture, multimodal=multimodal)}
 ```
 
 `conversion.json` lists the source files, the keys renamed and dropped, and the fingerprint that lets

@@ -56,6 +56,7 @@ def test_one_command_converts_every_checkpoint_of_a_vlm_run(converted: Convert, 
             assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in want.items())
             architectures = json.loads((saved / "config.json").read_text())["architectures"]
             assert json.loads((folder / "config.json").read_text())["architectures"] == architectures
+        assert "pipeline_tag: image-text-to-text" in (folder / "README.md").read_text()
         source = _processor_source(name, unit, with_base=with_base)
         for file in PROCESSOR_FILES:
             assert (folder / file).is_file() == (source / file).is_file(), file
@@ -119,6 +120,7 @@ def test_text_only_writes_the_language_model_as_a_causal_lm(tmp_path: Path, name
     vision = [k for k in marker["dropped"] if "vision" in k or "visual" in k]
     assert vision and not any("vision" in k or "visual" in k for k in load_file(folder / "model.safetensors"))
     assert not (folder / "processor_config.json").exists() and (folder / "tokenizer.json").is_file()
+    assert "pipeline_tag: text-generation" in (folder / "README.md").read_text()
     assert result.verify["passed"] is True and "input" not in result.verify
 
 
