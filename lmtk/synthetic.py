@@ -368,7 +368,7 @@ def _fsdp1_worker(rank: int, world_size: int, port: int, base: str, out: str, re
 
 
 def save_zoo(root: Path, model_types: Sequence[str] = ZOO, *, world_size: int = 2, seed: int = 0) -> Path:
-    """For each model type: ``root/TYPE/`` with ``base/`` (config), ``full.pth``, ``dcp/``, ``hub.pth``
+    """For each model type: ``root/TYPE/`` with ``base/`` (config), ``full.pth``, ``dcp/``, ``ranks/``, ``hub.pth``
     (full state dict under the hub's on-disk names) and ``reference/`` (save_pretrained of the same
     weights unsharded) with ``reference.pt`` (its logits on a text-only input; ``None`` for the few
     vision-language models that cannot run without an image)."""
@@ -404,6 +404,8 @@ def _zoo_worker(rank: int, world_size: int, port: int, root: str, model_types: t
             fully_shard(model)
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=out / "dcp")
+            (out / "ranks").mkdir(exist_ok=True)  # verl's per-rank DTensor shards
+            torch.save(model.state_dict(), out / "ranks" / f"model_world_size_{world_size}_rank_{rank}.pt")
             if rank == 0:
                 torch.save(full, out / "full.pth")
                 plain = _build(out / "base", seed).eval()

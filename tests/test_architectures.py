@@ -79,7 +79,7 @@ def test_moe_in_memory_names_are_detected(zoo: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model_type", VLM_ZOO)
-@pytest.mark.parametrize("layout", ["full.pth", "dcp"])
+@pytest.mark.parametrize("layout", ["full.pth", "dcp", "ranks"])
 def test_vlm_fsdp_checkpoint_equals_save_pretrained(vlm_zoo: Path, tmp_path: Path, model_type: str, layout: str) -> None:
     root = vlm_zoo / model_type
     [result] = convert(tmp_path, checkpoint=root / layout, base=root / "base", out=tmp_path / "out")
