@@ -16,7 +16,7 @@ Versions used (pip freeze, CPU-only machine, Python 3.11.7):
   torch==2.13.0+cpu  transformers==5.24.0  accelerate==1.15.0  torchvision==0.28.0+cu130 (see the shim below)
   safetensors==0.8.0  tokenizers==0.23.3  huggingface_hub==2.4.0  numpy==2.4.6  pillow==13.0.0
 
-Recreate the venv and run (from the repo root; about 1.5-2 minutes per folder on 2 shared CPU cores):
+Recreate the venv and run (from the repo root; about 1 minute per folder on 2 shared CPU cores):
   python3 -m venv /work/venvs/vlm
   /work/venvs/vlm/bin/pip install torch==2.13.0          # first: the local CPU build
   /work/venvs/vlm/bin/pip install transformers==5.24.0 accelerate==1.15.0 pillow
@@ -54,6 +54,28 @@ Each run, per family:
     {"version": 2, "state_dict_type": ..., "transformer_layer_cls_to_wrap": decoder layer + vision block
     classes}, remove_unused_columns=False. No final trainer.save_model() (keeps the fixture small).
 
+Tiny configs (tiny_config(); all fp32, text hidden 32 / intermediate 32 / 2 layers / 2 heads / 1 kv head,
+vocab = len(tokenizer) = 129, odd so FSDP shards are uneven):
+  qwen2_5_vl  vision depth 1, hidden 16 (the merger MLP is (hidden*4)^2), 2 heads, patch 4, temporal patch 2,
+              spatial merge 2, window_size 16 (window attention, fullatt_block_indexes=[]), out_hidden 32;
+              32x32 images -> image_grid_thw [1, 8, 8] -> 64 patches (pixel_values [64, 96]) -> 16 image tokens;
+              text mrope_section [4, 2, 2], untied lm_head
+  llava       CLIPVisionConfig 1 layer, hidden 32, 2 heads, image 28, patch 7 (16 patches + CLS; strategy
+              "default" drops CLS -> 16 image tokens), vision_feature_layer -1, gelu projector; LlamaConfig text,
+              untied lm_head
+  gemma3      SiglipVisionConfig 2 layers, hidden 32, 2 heads, image 28, patch 7, no head; mm_tokens_per_image 4
+              (4x4 patches avg-pooled to 2x2); Gemma3TextConfig head_dim 16, query_pre_attn_scalar 16, sliding
+              window 16, layer_types [sliding, full]; tie_word_embeddings=True
+
+Key names (transformers 5.24): the checkpoints hold the module names (DCP: "model." + named_parameters, e.g.
+model.model.visual.blocks.0.attn.qkv.weight, model.model.language_model.layers.0..., model.lm_head.weight;
+pytorch_model_fsdp.bin: model.vision_tower..., model.language_model..., lm_head.weight), while save_pretrained
+(base/, save_pretrained/, a FULL checkpoint's model.safetensors) writes the families' legacy on-disk names
+(Qwen2.5-VL: visual.*, model.layers.*, model.embed_tokens.weight, lm_head.weight; Llava / Gemma3:
+vision_tower.*, multi_modal_projector.*, language_model.model.*, Llava language_model.lm_head.weight; Gemma3's
+tied lm_head is not written by save_pretrained but is in pytorch_model_fsdp.bin and in the checkpoint's
+model.safetensors).
+
 CPU workarounds (copied from ../hf_trainer_fsdp2_sharded/make_fixture.py; the trainer's save code is untouched):
   * accelerate only enables FSDP for GPU-like distributed types; each worker replaces
     PartialState._prepare_backend with one returning ("gloo", DistributedType.MULTI_GPU) and sets
@@ -62,7 +84,10 @@ CPU workarounds (copied from ../hf_trainer_fsdp2_sharded/make_fixture.py; the tr
   * the torchvision shim above.
 
 Outputs (deleted and recreated):
-  base/             config.json, model.safetensors, processor files (see the report of each run / the tree)
+  base/             config.json, model.safetensors, chat_template.jinja, tokenizer.json, tokenizer_config.json,
+                    processor_config.json (transformers 5.x writes the image processor, and for Qwen2.5-VL the
+                    video processor, as sections of processor_config.json: no preprocessor_config.json or
+                    video_preprocessor_config.json)
   run/              the Trainer's output dir: checkpoint-2/, checkpoint-4/ exactly as written
   save_pretrained/<unit>/  config.json + model*.safetensors that model.save_pretrained writes for the
                     unsharded trained model at that checkpoint (rank 0, plain model, inside on_save), to compare
@@ -84,7 +109,6 @@ Checks asserted (main process, after the run, everything read FROM DISK):
     the CLIP vision tower's post_layernorm, which LlavaModel bypasses by reading hidden_states[-1]);
   * checkpoint-2 and checkpoint-4 logits differ.
 """
-import glob
 import os
 import shutil
 import socket
@@ -124,7 +148,7 @@ tv_shim()
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAINERS = os.path.dirname(HERE)
 WORLD = 2
-VOCAB_TARGET = 200  # BPE vocab incl. special tokens; the model's vocab_size is len(tokenizer) rounded up to odd
+VOCAB_TARGET = 128  # BPE vocab incl. special tokens; the model's vocab_size is len(tokenizer) rounded up to odd
 MAX_STEPS, SAVE_STEPS, LR, BATCH = 4, 2, 1e-2, 2
 N_EXAMPLES = WORLD * BATCH * MAX_STEPS
 
@@ -269,9 +293,11 @@ def tiny_config(family, tokenizer):
                                               "mrope_section": [4, 2, 2]},
                              bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                              pad_token_id=ids("<|endoftext|>")),
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=2, in_channels=3,
+            # vision hidden 16 (not 32): the merger MLP is (hidden * merge**2)^2, the largest tensor otherwise;
+            # one windowed block (fullatt_block_indexes=[]): window_size 16 px = 2x2 merged units per window
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, in_channels=3,
                                patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
-                               out_hidden_size=32, fullatt_block_indexes=[1]),
+                               out_hidden_size=32, fullatt_block_indexes=[]),
             image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
             tie_word_embeddings=False)
@@ -279,7 +305,7 @@ def tiny_config(family, tokenizer):
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
         return LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=28, patch_size=7, projection_dim=32),
             text_config=LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,

@@ -52,7 +52,10 @@ Checks asserted (max abs diff < 1e-5):
      into a plain model, recompute the logits on inputs and on input_ids;
   2. save_pretrained/<unit> reloads with from_pretrained and its state dict equals the hand consolidation;
   3. no tensor of global_step_4 equals its base/ value; global_step_2 and global_step_4 logits differ;
-  4. AutoProcessor.from_pretrained(<step>/actor/huggingface) loads.
+  4. AutoProcessor.from_pretrained(<step>/actor/huggingface) loads;
+  5. verl's merger (``python -m verl.model_merger merge --backend fsdp``, run with the torchvision shim applied
+     first, since it imports the model class; it writes bf16) reloads with
+     from_pretrained to exactly the bf16 cast of the hand consolidation.
 
 Versions used (pip freeze): verl==0.9.1, torch==2.13.0 (+cpu), transformers==5.10.4 (verl 0.9.1 requires
 transformers>=5.5.3,<5.11,!=5.6.0; 5.10.4 is the newest it accepts, and it runs Qwen2.5-VL unchanged),
@@ -68,9 +71,11 @@ Recreate and run:
 """
 
 import contextlib
+import glob
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -186,6 +191,14 @@ TRAIN_BATCH_SIZE = 4  # data.train_batch_size
 NUM_PROMPTS = 16
 DATALOADER_NUM_WORKERS = 8  # verl default data.dataloader_num_workers
 LR = 1e-2
+MERGER_WITH_SHIM = (
+    "import runpy, sys, torch\n"
+    "lib = torch.library.Library('torchvision', 'DEF')\n"
+    "lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')\n"
+    "lib.define('qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor')\n"
+    "sys.argv[0] = 'verl.model_merger'\n"
+    "runpy.run_module('verl.model_merger', run_name='__main__', alter_sys=True)\n"
+)
 OUTPUT_NAMES = [f"global_step_{n}" for n in range(SAVE_FREQ, TOTAL_STEPS + 1, SAVE_FREQ)]
 
 
@@ -391,6 +404,23 @@ def main():
             assert not same, same
         proc = AutoProcessor.from_pretrained(os.path.join(actor_dir, "huggingface"))
         print(f"[check 4] {name}/actor/huggingface: AutoProcessor -> {type(proc).__name__}")
+        # [check 5] verl's merger (bf16 output) equals the bf16 cast of the hand consolidation
+        with tempfile.TemporaryDirectory() as target:
+            # `python -m verl.model_merger merge ...`, with the torchvision shim applied first in that process
+            subprocess.run([sys.executable, "-c", MERGER_WITH_SHIM, "merge", "--backend", "fsdp",
+                            "--local_dir", actor_dir, "--target_dir", target],
+                           check=True, stdout=subprocess.DEVNULL, env={**os.environ, "VERL_PLATFORM": ""})
+            from safetensors.torch import load_file
+
+            merged_file = {}
+            for f in sorted(glob.glob(os.path.join(target, "*.safetensors"))):
+                merged_file.update(load_file(f))
+            merged = cls.from_pretrained(target, dtype=torch.bfloat16).state_dict()
+            assert merged.keys() == ck.keys()
+            worst = max((merged[k].float() - ck[k].bfloat16().float()).abs().max().item() for k in ck)
+            print(f"[check 5] verl.model_merger {name}: {sorted(os.listdir(target))}, {len(merged_file)} tensors "
+                  f"(e.g. {sorted(merged_file)[:2]}), max abs diff vs bf16 consolidation {worst:.3e}")
+            assert worst == 0.0, worst
 
     a, b = (logits[n] for n in OUTPUT_NAMES)
     d = (a - b).abs().max().item()
