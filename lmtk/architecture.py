@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 MEMORY, HUB = "in-memory", "hub"
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
+# Tried in order when the config names no class of its own: the first whose mapping has the model_type wins
+# (AutoModelForImageTextToText first for configs that nest a text_config).
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Architecture:
     # Builds the meta-device module, for transformers' conversion functions (only models that convert).
     model_factory: Callable[[], Any] = field(repr=False, compare=False)
     _model: Any = field(default=None, repr=False, compare=False)
+    # Where the class came from: the config's architectures, convert.model_class, or the Auto class that maps it.
+    class_from: str = ""
 
     @property
     def model(self) -> Any:
@@ -76,6 +81,7 @@ class Architecture:
             "droppable": sorted(self.droppable),
             "ignore_patterns": list(self.ignore_patterns),
             "transposed": sorted(self.transposed),
+            "class_from": self.class_from,
         }
 
     @classmethod
@@ -92,6 +98,7 @@ class Architecture:
             droppable=frozenset(data["droppable"]),
             ignore_patterns=tuple(data["ignore_patterns"]),
             transposed=frozenset(data["transposed"]),
+            class_from=data["class_from"],
             model_factory=model_factory,
         )
 
@@ -109,12 +116,51 @@ class Architecture:
         return revert_weight_conversion(self.model, tensors)
 
 
-def build_architecture(config: Any) -> Architecture:
-    from transformers import AutoModelForCausalLM
+def model_class(config: Any, *, override: str | None = None) -> tuple[type, str]:
+    """The transformers class to build: ``override``, else the config's ``architectures``, else an Auto class's."""
+    import transformers
+
+    if override:
+        cls = _transformers_class(override)
+        if cls is None:
+            raise ValueError(f"convert.model_class={override} is not a model class of transformers "
+                             f"{transformers.__version__}")
+        wanted = getattr(cls, "config_class", None)
+        if isinstance(wanted, type) and not isinstance(config, wanted):
+            raise ValueError(f"convert.model_class={override} is built from a {wanted.__name__}, but the base "
+                             f"config is a {type(config).__name__}")
+        return cls, "convert.model_class"
+    for name in getattr(config, "architectures", None) or ():
+        if (cls := _transformers_class(name)) is not None:
+            return cls, "the config's architectures"
+    # A config nesting a text config is multimodal: AutoModelForCausalLM maps some (mllama, qwen3_5) to their
+    # text model alone, which would drop the vision tower.
+    multimodal = config.get_text_config() is not config
+    for auto in sorted(AUTO_CLASSES, key=lambda a: multimodal and a != "AutoModelForImageTextToText"):
+        mapping = getattr(transformers, auto)._model_mapping
+        if type(config) in mapping:
+            return mapping[type(config)], auto
+    raise ValueError(f"no model class for model_type {getattr(config, 'model_type', None)!r}: the config names "
+                     f"none in architectures and none of {', '.join(AUTO_CLASSES)} maps it; set convert.model_class")
+
+
+def _transformers_class(name: str) -> type | None:
+    import transformers
+
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception as e:  # a class whose optional dependency is missing
+        log.debug("transformers.%s: %s", name, e)
+        return None
+    return cls if isinstance(cls, type) and hasattr(cls, "_from_config") else None
+
+
+def build_architecture(config: Any, *, override: str | None = None) -> Architecture:
     from transformers.core_model_loading import revert_weight_conversion
 
+    cls, class_from = model_class(config, override=override)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = cls._from_config(config)
     state = model.state_dict()
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     ignored = set(model._keys_to_ignore_on_save or ())
@@ -138,6 +184,7 @@ def build_architecture(config: Any) -> Architecture:
         droppable=frozenset(buffers - state.keys()),
         ignore_patterns=tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
         transposed=frozenset(name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"),
+        class_from=class_from,
         model_factory=lambda: model,
     )
 

@@ -1,6 +1,6 @@
-"""The base model: its folder (config and tokenizer files), and the architecture its config describes.
+"""The base model: its folder (config, tokenizer and processor files), and the architecture its config describes.
 
-Config and tokenizer files are copied as they are. The architecture (names and shapes from the model
+Config, tokenizer and processor files are copied as they are. The architecture (names and shapes from the model
 class on the meta device) is cached per config and transformers version, so later runs on the same
 base skip importing the model code: most of lmtk's start-up time.
 """
@@ -33,7 +33,10 @@ TOKENIZER_FILES = (
     "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json", "tokenizer.tiktoken",
 )
-_HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+# What AutoProcessor reads besides the tokenizer (vision-language models); copied as files, so lmtk needs
+# neither PIL nor torchvision.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+_HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES]
 
 
 @dataclass
@@ -41,6 +44,8 @@ class BaseModel:
     """``convert.base_model``: a local folder, or a hub id (from the local cache when offline)."""
 
     name_or_path: str
+    # convert.model_class: the transformers class to build instead of the one the config names.
+    model_class: str | None = None
 
     @cached_property
     def folder(self) -> Path:
@@ -89,8 +94,8 @@ class BaseModel:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         try:
-            arch = build_architecture(self.config)
-        except ValueError as e:  # not a causal LM, or a weight mapping we cannot stream
+            arch = build_architecture(self.config, override=self.model_class)
+        except ValueError as e:  # no model class for it, or a weight mapping we cannot stream
             raise ConversionError(self.name_or_path, f"cannot convert to this model: {e}") from e
         _write_atomically(cache, json.dumps(arch.to_json()))
         return arch
@@ -114,13 +119,16 @@ class BaseModel:
 
     def _architecture_key(self) -> str:
         canonical = json.dumps(self.config_dict, sort_keys=True)
-        return hashlib.sha256(f"{canonical}|{version('transformers')}|{__version__}".encode()).hexdigest()[:32]
+        key = f"{canonical}|{self.model_class}|{version('transformers')}|{__version__}"
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def _meta_model(self) -> Any:
-        return build_architecture(self.config).model
+        return build_architecture(self.config, override=self.model_class).model
 
-    def save_config(self, folder: Path, *, architectures: list[str], dtype: str) -> None:
-        config = {**self.config_dict, "architectures": architectures, "dtype": dtype}
+    def save_config(self, folder: Path, *, architectures: list[str], dtype: str,
+                    config: dict[str, Any] | None = None) -> None:
+        """The base's config.json (or ``config``: a text model extracted from it) with the written class and dtype."""
+        config = {**(self.config_dict if config is None else config), "architectures": architectures, "dtype": dtype}
         config.pop("torch_dtype", None)  # the older name of "dtype"
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -129,15 +137,18 @@ class BaseModel:
         if (self.folder / "generation_config.json").is_file():
             shutil.copyfile(self.folder / "generation_config.json", folder / "generation_config.json")
             return
-        derived = {k: self.config_dict[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if self.config_dict.get(k) is not None}
+        # A vision-language config keeps its special tokens in text_config.
+        sources = (self.config_dict, self.config_dict.get("text_config") or {})
+        derived = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if (v := next((c[k] for c in sources if c.get(k) is not None), None)) is not None}
         if derived:
             derived["_from_model_config"] = True
             (folder / "generation_config.json").write_text(json.dumps(derived, indent=2, sort_keys=True) + "\n")
 
-    def save_tokenizer(self, folder: Path) -> list[str]:
-        """Copy the base's tokenizer files; nothing (and a warning, once) when it has none."""
-        found = [name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+    def save_tokenizer(self, folder: Path, *, processor: bool = True) -> list[str]:
+        """Copy the base's tokenizer (and processor) files; nothing (and a warning, once) when it has none."""
+        names = (*TOKENIZER_FILES, *PROCESSOR_FILES) if processor else TOKENIZER_FILES
+        found = [name for name in names if (self.folder / name).is_file()]
         if not found:
             if not getattr(self, "_warned", False):
                 log.warning("%s: no tokenizer files; outputs get weights and config only", self.name_or_path)

@@ -16,7 +16,8 @@ from lmtk.readers.base import Reader
 
 def provenance(unit: Unit, reader: Reader, plan: Plan | None, *, fingerprint: dict[str, Any], dtype: str,
                metadata: dict[str, Any], base_model: str, base_origin: str, naming: str,
-               verify: dict[str, Any] | None, warnings: list[str], adapter: dict[str, Any] | None) -> dict[str, Any]:
+               verify: dict[str, Any] | None, warnings: list[str], adapter: dict[str, Any] | None,
+               model_class: tuple[str, str] = ("", "")) -> dict[str, Any]:
     info = reader.info
     return {
         "lmtk_version": __version__,
@@ -31,6 +32,8 @@ def provenance(unit: Unit, reader: Reader, plan: Plan | None, *, fingerprint: di
         "base_model": base_model,
         "base_model_from": base_origin,
         "dtype": dtype,
+        "model_class": model_class[0],
+        "model_class_from": model_class[1],
         "codebase_naming": naming,
         "naming": plan.naming.name if plan else "peft",
         "renamed": plan.renamed if plan else {},
@@ -44,19 +47,33 @@ def provenance(unit: Unit, reader: Reader, plan: Plan | None, *, fingerprint: di
 
 def write_provenance(folder: Path, record: dict[str, Any], *, architecture: str) -> None:
     """The model card first, ``conversion.json`` last: its presence means the folder is finished."""
-    (folder / "README.md").write_text(model_card(record, architecture=architecture))
+    multimodal = any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+    (folder / "README.md").write_text(model_card(record, architecture=architecture, multimodal=multimodal))
     (folder / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def _front_matter(base: str, *, library: str) -> str:
+def _front_matter(base: str, *, library: str, multimodal: bool) -> str:
     """The card's metadata, as the hub reads it (JSON strings are YAML strings); a local base is no hub id."""
-    lines = [f"library_name: {library}", "pipeline_tag: text-generation", "tags:", "- lmtk", "- fsdp"]
+    pipeline = "image-text-to-text" if multimodal else "text-generation"
+    lines = [f"library_name: {library}", f"pipeline_tag: {pipeline}", "tags:", "- lmtk", "- fsdp"]
     if not Path(base).exists():
         lines.append(f"base_model: {json.dumps(base)}")
     return "\n".join(lines)
 
 
-def model_card(record: dict[str, Any], *, architecture: str) -> str:
+def _usage(architecture: str, *, multimodal: bool) -> str:
+    if not multimodal:
+        return _USAGE
+    return f"""```python
+from transformers import AutoProcessor, {architecture}
+
+model = {architecture}.from_pretrained("path/to/this/folder")
+processor = AutoProcessor.from_pretrained("path/to/this/folder")
+```
+"""
+
+
+def model_card(record: dict[str, Any], *, architecture: str, multimodal: bool = False) -> str:
     base = record["base_model"]
     meta = record["metadata"]
     trained = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "step", "iteration") if k in meta) or "not recorded"
@@ -76,10 +93,10 @@ def model_card(record: dict[str, Any], *, architecture: str) -> str:
             if adapter else f"A `{architecture}`")
     weights = (f"{record['dtype']}, `adapter_model.safetensors`, names as `PeftModel.save_pretrained` writes them"
                if peft else f"{record['dtype']}, safetensors, names as `save_pretrained` writes them")
-    usage = _PEFT_USAGE.format(base=base) if peft else _USAGE
+    usage = _PEFT_USAGE.format(base=base) if peft else _usage(architecture, multimodal=multimodal)
     warnings = "".join(f"\n> **Warning**: {w}\n" for w in record.get("warnings") or [])
     return f"""---
-{_front_matter(base, library="peft" if peft else "transformers")}
+{_front_matter(base, library="peft" if peft else "transformers", multimodal=multimodal)}
 ---
 
 # {name}

@@ -160,6 +160,11 @@ class ConvertConfig:
     verify: bool = False
     # Verify needs the model twice in RAM; larger models skip it (recorded in the summary).
     verify_max_params: int = 3_000_000_000
+    # The transformers class to convert to (e.g. Qwen2_5_VLForConditionalGeneration); unset: the base config's
+    # architectures, else the first of AutoModelForCausalLM, AutoModelForImageTextToText that maps its model_type.
+    model_class: Optional[str] = None
+    # A vision-language checkpoint's language model alone, as a CausalLM folder (the vision tower dropped, listed).
+    text_only: bool = False
     # Types a weights-only load refuses but you trust, e.g. ["argparse.Namespace"]; never needed for weights.
     allowed_globals: list[str] = field(default_factory=list)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -31,6 +31,7 @@ from lmtk.progress import training_progress
 from lmtk.readers import Reader, TensorSpec, open_reader
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
+from lmtk.text_only import extract
 from lmtk.verify import reference_logits, verify_folder
 from lmtk.writer import write_model_weights, write_safetensors
 
@@ -45,7 +46,7 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
     """
     options = cfg.convert
     root = Path(options.checkpoint_path)
-    bases = _Bases(options.base_model, default=cfg.model.name_or_path)
+    bases = _Bases(options.base_model, default=cfg.model.name_or_path, model_class=options.model_class)
     try:
         units = find_units(options)
     except ConversionError as e:
@@ -93,8 +94,8 @@ def _refuse_output_inside(checkpoint_path: Path, output_dir: Path) -> None:
 class _Bases:
     """The base model of each checkpoint: ``convert.base_model``, else the checkpoint's own, else the model group's."""
 
-    def __init__(self, explicit: str | None, *, default: str) -> None:
-        self._explicit, self._default = explicit, default
+    def __init__(self, explicit: str | None, *, default: str, model_class: str | None = None) -> None:
+        self._explicit, self._default, self._model_class = explicit, default, model_class
         self._loaded: dict[str, BaseModel] = {}  # one architecture build per base, however many checkpoints
 
     def of(self, unit: Unit) -> tuple[BaseModel, str]:
@@ -104,7 +105,7 @@ class _Bases:
             name, origin = str(own), "the checkpoint" if own.is_relative_to(unit.path) else "the training run"
         else:
             name, origin = self._default, "model.name_or_path"
-        return self._loaded.setdefault(name, BaseModel(name)), origin
+        return self._loaded.setdefault(name, BaseModel(name, model_class=self._model_class)), origin
 
 
 @dataclass
@@ -180,6 +181,9 @@ class Prepared:
     # What will be written: the plan's outputs, or the adapter folder's tensors; and the names they come from.
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
     label: str = ""
+    # The class written, and its config when it is not the base's (the language model alone, text_only).
+    arch: Architecture | None = None
+    config: Any = None
 
     def close(self) -> None:
         if self.adapter is not None and self.adapter.base_weights is not None:
@@ -211,7 +215,11 @@ def prepare(reader: Reader, unit: Unit, *, base: BaseModel, namings: list[Naming
             return prepared
         if adapter is not None:
             reader = merged(reader, adapter.lora, adapter.checked, base=adapter.base_weights)
-        prepared.naming, prepared.reader, plan = choose(reader, base.architecture, namings, config=base.config_dict)
+        prepared.arch = base.architecture
+        prepared.naming, prepared.reader, plan = choose(reader, prepared.arch, namings, config=base.config_dict)
+        if options.text_only:
+            prepared.reader, plan, prepared.arch, prepared.config = extract(prepared.reader, plan, prepared.arch,
+                                                                            config=base.config)
         plan.outputs = {k: _cast(v, dtype) for k, v in plan.outputs.items()}
         prepared.plan, prepared.outputs, prepared.label = plan, plan.outputs, prepared.naming.name
         return prepared
@@ -242,7 +250,7 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
                            warnings=warnings)
         if adapter is not None and options.final_format is FinalFormat.peft:
             return _write_adapter(prepared, base.architecture, context)
-        return _write_model(prepared, base.architecture, context)
+        return _write_model(prepared, context)
     finally:
         prepared.close()
 
@@ -262,8 +270,8 @@ class _Context:
     warnings: list[str]
 
 
-def _write_model(prepared: Prepared, arch: Architecture, ctx: _Context) -> _Outcome:
-    options, base, adapter = ctx.options, ctx.base, prepared.adapter
+def _write_model(prepared: Prepared, ctx: _Context) -> _Outcome:
+    options, base, adapter, arch = ctx.options, ctx.base, prepared.adapter, prepared.arch
     naming, reader, plan, dtype = prepared.naming, prepared.reader, prepared.plan, prepared.dtype
     assert naming is not None and reader is not None and plan is not None
     with ThreadPoolExecutor(1, thread_name_prefix="lmtk-tied") as side, \
@@ -275,14 +283,18 @@ def _write_model(prepared: Prepared, arch: Architecture, ctx: _Context) -> _Outc
                             workers=options.write_workers)
         tied.result()
         written_dtype = str(_main_dtype(plan.outputs)).removeprefix("torch.")
-        base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype)
+        config = prepared.config
+        base.save_config(folder, architectures=[arch.class_name], dtype=written_dtype,
+                         config=config.to_dict() if config is not None else None)
         base.save_generation_config(folder)
-        base.save_tokenizer(folder)
-        verified = _verify(folder, reader, plan, arch, naming, base=base, options=options) if options.verify else None
+        base.save_tokenizer(folder, processor=config is None)
+        verified = (_verify(folder, reader, plan, arch, naming, config=config or base.config, options=options)
+                    if options.verify else None)
         record = provenance(ctx.unit, reader, plan, fingerprint=ctx.fingerprint, dtype=written_dtype,
                             metadata=ctx.metadata, base_model=base.name_or_path, base_origin=ctx.base_origin,
                             naming=naming.name, verify=verified, warnings=ctx.warnings,
-                            adapter=adapter.record("merged") if adapter else None)
+                            adapter=adapter.record("merged") if adapter else None,
+                            model_class=(arch.class_name, arch.class_from))
         write_provenance(folder, record, architecture=arch.class_name)
     return _Outcome("ok", sum(spec.nbytes for spec in plan.outputs.values()), verified, ctx.warnings)
 
@@ -389,7 +401,9 @@ def _adapter_warnings(reader: Reader, unit: Unit, adapter: _Adapter, *, metadata
 def _output_options(options: ConvertConfig, *, base: BaseModel, adapter: _Adapter | None) -> dict[str, Any]:
     """The settings that change what is written: a rerun with other values converts again."""
     chosen = {"base_model": base.name_or_path, "max_shard_size": options.max_shard_size, "lmtk": __version__,
-              "dtype": options.dtype.value if options.dtype else None}
+              "dtype": options.dtype.value if options.dtype else None,
+              **({"model_class": options.model_class} if options.model_class else {}),
+              **({"text_only": True} if options.text_only else {})}
     if adapter is not None:
         chosen.update(final_format=options.final_format.value, lora_alpha=adapter.scale.alpha,
                       use_rslora=adapter.scale.use_rslora, adapter_name=adapter.lora.adapter_name)
@@ -405,11 +419,12 @@ def _target_dtype(choice: DType | None, config: dict[str, Any]) -> torch.dtype |
     return getattr(torch, choice.value)
 
 
-def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming: Naming, *, base: BaseModel,
+def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming: Naming, *, config: Any,
             options: ConvertConfig) -> dict[str, Any]:
     params = sum(math.prod(spec.shape) for spec in plan.outputs.values())
-    reference = reference_logits(base.config, reader, plan, arch) if params <= options.verify_max_params else None
-    result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params, label=str(reader.path))
+    reference = reference_logits(config, reader, plan, arch) if params <= options.verify_max_params else None
+    result = verify_folder(folder, reference, params=params, max_params=options.verify_max_params, label=str(reader.path),
+                           class_name=arch.class_name)
     # Say what the comparison can catch: the reference holds the tensors as lmtk named them.
     result["reference"] = (
         "a float32 model holding the source tensors under the training code's names" if naming.is_hf else

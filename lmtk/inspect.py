@@ -66,7 +66,7 @@ def run_inspect(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
         if options.checksum:  # skip decisions then compare sha256 sums, as the conversion's do
             log.warning("convert.checksum=true: the dry run reads every byte of the checkpoints to fingerprint them")
         since = time.time() if since is None else since
-        bases = _Bases(options.base_model, default=cfg.model.name_or_path)
+        bases = _Bases(options.base_model, default=cfg.model.name_or_path, model_class=options.model_class)
         namings = load_namings(cfg.namings)
         results = [inspect_unit(unit, bases=bases, namings=namings, options=options, since=since) for unit in units]
     write_summary(run_dir / "summary.json", results)

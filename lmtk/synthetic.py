@@ -65,11 +65,61 @@ _ZOO_MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_i
                 shared_expert_intermediate_size=32)
 
 
+# Image-text-to-text model types (AutoModelForImageTextToText) that transformers builds from a tiny config.
+# Not here: shieldgemma2, whose save_pretrained output transformers 5.24 cannot load back (the language
+# model's 29 tensors come back missing, 28 unexpected), so no folder of it loads, whoever wrote it.
+VLM_ZOO = (
+    "aria", "aya_vision", "blip", "blip-2", "cohere2_vision", "cosmos3_edge", "cosmos3_omni", "deepseek_vl",
+    "exaone4_5", "fuyu", "gemma3", "git", "glm46v", "glm4v", "glm4v_moe", "glm_ocr", "got_ocr2",
+    "hyperclovax_vision_v2", "idefics", "idefics2", "idefics3", "instructblip", "instructblipvideo", "internvl",
+    "kimi_k25", "kosmos-2", "kosmos-2.5", "lfm2_vl", "lighton_ocr", "llava", "llava_next", "llava_next_video",
+    "llava_onevision", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral3", "mistral_large4", "mllama",
+    "nemotron_h_omni", "ovis2", "paddleocr_vl", "paligemma", "pi0", "pix2struct", "qianfan_ocr",
+    "qwen2_5_omni_thinker", "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_omni_moe_thinker", "qwen3_vl",
+    "qwen3_vl_moe", "qwen4_exp", "smolvlm", "step3p7", "t5gemma2", "video_llama_3", "video_llava",
+    "vipllava", "vision-encoder-decoder",
+)
+# Sizes set wherever a config (or one nested in it: text_config, vision_config, ...) has the attribute.
+_VLM_SIZES = dict(
+    _ZOO_SIZES, depth=2, num_heads=4, embed_dim=32, out_hidden_size=32, projection_dim=32, text_hidden_size=32,
+    vision_hidden_size=32, num_layers=2, d_model=32, encoder_layers=2, decoder_layers=2, **_ZOO_MOE,
+    n_routed_experts=4, max_position_embeddings=256, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+    kv_lora_rank=16, q_lora_rank=16,
+)
+
+
 def zoo_config(model_type: str) -> Any:
     """A tiny config of any zoo model type (unused keys are harmless extras)."""
     from transformers import AutoConfig
 
+    if model_type in VLM_ZOO:
+        return _shrunk(AutoConfig.for_model(model_type))
     return AutoConfig.for_model(model_type, **_ZOO_SIZES, **_ZOO_MOE)
+
+
+def _shrunk(config: Any, *, depth: int = 0) -> Any:
+    """A family's default config with every size it and its nested configs have made tiny."""
+    from transformers import PretrainedConfig
+
+    layers = getattr(config, "num_hidden_layers", None)
+    for key, value in _VLM_SIZES.items():
+        current = getattr(config, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            setattr(config, key, value)
+    for name, value in list(vars(config).items()):  # per-layer lists (layer_types, ...): one entry per layer left
+        if isinstance(value, list) and isinstance(layers, int) and len(value) == layers > 2:
+            setattr(config, name, value[:2])
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and getattr(config, "num_attention_heads", None):
+        # Multimodal rotary splits head_dim / 2 into temporal, height and width parts (its default fits 128 only).
+        rope["mrope_section"] = [1, 1, (getattr(config, "head_dim", None) or 8) // 2 - 2]
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and pad >= getattr(config, "vocab_size", pad + 1):
+        config.pad_token_id = 0  # an embedding's padding_idx must lie in the shrunk vocabulary
+    for name in list(vars(config)):
+        if isinstance(sub := getattr(config, name), PretrainedConfig) and depth < 3:
+            _shrunk(sub, depth=depth + 1)
+    return config
 
 
 def save_tokenizer(folder: Path) -> None:
@@ -152,10 +202,13 @@ def _worker(
 
 
 def _build(base: Path, seed: int) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from lmtk.architecture import model_class
+
+    config = AutoConfig.from_pretrained(base)
     torch.manual_seed(seed)  # every rank builds the same initial weights
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    return model_class(config)[0]._from_config(config)
 
 
 def _train_and_save(
@@ -315,9 +368,10 @@ def _fsdp1_worker(rank: int, world_size: int, port: int, base: str, out: str, re
 
 
 def save_zoo(root: Path, model_types: Sequence[str] = ZOO, *, world_size: int = 2, seed: int = 0) -> Path:
-    """For each model type: ``root/TYPE/`` with ``base/`` (config), ``full.pth``, ``dcp/``, ``hub.pth``
+    """For each model type: ``root/TYPE/`` with ``base/`` (config), ``full.pth``, ``dcp/``, ``ranks/``, ``hub.pth``
     (full state dict under the hub's on-disk names) and ``reference/`` (save_pretrained of the same
-    weights unsharded) with ``reference.pt`` (its logits)."""
+    weights unsharded) with ``reference.pt`` (its logits on a text-only input; ``None`` for the few
+    vision-language models that cannot run without an image)."""
     for model_type in model_types:
         zoo_config(model_type).save_pretrained(root / model_type / "base")
     torch.multiprocessing.spawn(
@@ -340,25 +394,37 @@ def _zoo_worker(rank: int, world_size: int, port: int, root: str, model_types: t
         for model_type in model_types:
             out = Path(root) / model_type
             model = _build(out / "base", seed)
-            layers = model.config.num_hidden_layers
-            for module in list(model.modules()):
-                if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            # Every block list (text layers, vision blocks, ...) sharded per block, as training wraps them;
+            # inner lists first, since FSDP2 shards a module's children before the module itself.
+            for module in reversed(list(model.modules())):
+                if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
                     for block in module:
-                        fully_shard(block)
+                        if any(True for _ in block.parameters()):
+                            fully_shard(block)
             fully_shard(model)
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=out / "dcp")
+            (out / "ranks").mkdir(exist_ok=True)  # verl's per-rank DTensor shards
+            torch.save(model.state_dict(), out / "ranks" / f"model_world_size_{world_size}_rank_{rank}.pt")
             if rank == 0:
                 torch.save(full, out / "full.pth")
                 plain = _build(out / "base", seed).eval()
                 plain.save_pretrained(out / "reference")
                 torch.save(revert_weight_conversion(plain, dict(plain.state_dict())), out / "hub.pth")
-                with torch.no_grad():
-                    logits = plain(input_ids=fixed_input()).logits
-                torch.save({"input_ids": fixed_input(), "logits": logits}, out / "reference.pt")
+                torch.save({"input_ids": fixed_input(), "logits": _text_logits(plain)}, out / "reference.pt")
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _text_logits(model: torch.nn.Module) -> torch.Tensor | None:
+    try:
+        with torch.no_grad():
+            return model(input_ids=fixed_input()).logits
+    except Exception:  # an encoder-decoder or a model that needs its image: the weights are compared alone
+        if model.config.model_type in ZOO:
+            raise
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

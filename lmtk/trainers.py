@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-# Tokenizer and config files a trainer may copy into a unit; reused as the unit's base model.
+# Tokenizer, processor and config files a trainer may copy into a unit; reused as the unit's base model.
 _HF_FILES = {
     "config.json": "the model's HF config",
     "generation_config.json": "the model's HF generation config",
@@ -20,6 +20,9 @@ _HF_FILES = {
     "vocab.json": "tokenizer files",
     "merges.txt": "tokenizer files",
     "chat_template.*": "tokenizer files",
+    "processor_config.json": "processor files",
+    "preprocessor_config.json": "processor files",
+    "video_preprocessor_config.json": "processor files",
 }
 # What peft writes beside a checkpoint of a PEFT model.
 _PEFT_FILES = {

@@ -1,0 +1,1 @@
+../vlm_hf_trainer_qwen2_5_vl/make_fixture.py
