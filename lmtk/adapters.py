@@ -370,7 +370,7 @@ def _target_modules(targets: set[str], module_names: set[str]) -> list[str]:
     return sorted(tails) if picked == targets else sorted(targets)
 
 
-def same_tensors(ours: Reader, theirs: dict[str, torch.Tensor], tensors: dict[str, Derived]) -> list[str]:
+def differing(ours: Reader, theirs: dict[str, torch.Tensor], tensors: dict[str, Derived]) -> list[str]:
     """Names where the trainer's own adapter file differs from the adapter taken from the FSDP part."""
     differ = []
     for name, entry in tensors.items():

@@ -15,7 +15,7 @@ import torch
 
 from lmtk import __version__
 from lmtk.adapters import (Checked, Lora, LoraScale, adapter_config, adapter_tensors, check, find_lora, merged,
-                           same_tensors, scale_of, untrained)
+                           differing, scale_of, untrained)
 from lmtk.architecture import Architecture
 from lmtk.base import BaseModel
 from lmtk.card import provenance, write_provenance
@@ -389,7 +389,7 @@ def _adapter_warnings(reader: Reader, unit: Unit, adapter: _Adapter, *, metadata
         from safetensors.torch import load_file
 
         tensors = adapter_tensors(adapter.lora, adapter.checked, reader.specs(), base={})
-        differ = same_tensors(reader, load_file(copy), tensors)
+        differ = differing(reader, load_file(copy), tensors)
         if differ:
             warnings.append(f"the trainer's own {copy.name} differs from the FSDP part in {len(differ)} tensor(s) "
                             f"({listing(differ, limit=3)}; only rank 0's slice?); converting the FSDP part")
