@@ -381,9 +381,13 @@ class Bench:
                    "tiny": (lmtk(tiny, tiny_base, self.out), [tiny])}
         for command, _ in methods.values():
             measure(command, env=self.env, cache="warm", inputs=[])  # fill the caches
-        for _ in range(self.repeats):
+        order = list(methods)
+        for repeat in range(self.repeats):
+            # Each repeat starts at another method, so none always follows the same predecessor's freed blocks.
+            turn = order[repeat % len(order):] + order[:repeat % len(order)]
             for cache in self.caches:
-                for method, (command, inputs) in methods.items():
+                for method in turn:
+                    command, inputs = methods[method]
                     self.run(("774m", "lora", cache, method), command, cache=cache, inputs=inputs)
 
     def sweeps(self, base: Path, pth: Path) -> None:
