@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers import FIXTURES, Convert, FsdpRun, base_of, run_lmtk
+from s3server import S3Server, start_s3_server
 from lmtk.synthetic import LAYOUTS, make_base_folder, save_checkpoints, save_fsdp1_checkpoints
 
 
@@ -114,3 +115,13 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     state["lm_head.weight"] = state["transformer.wte.weight"]
     torch.save(state, root / "big.pth")
     return base, root / "big.pth"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One real S3 server (SeaweedFS) for the session, on 127.0.0.1 with its own ports and data dir."""
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
