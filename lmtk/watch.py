@@ -104,6 +104,10 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
     previous = {s: signal.signal(s, watcher.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         watcher.loop()
+    except ConversionError as e:  # a check that stops the whole run (convert.output_dir inside the run, ...)
+        log.error("%s", e)
+        watcher.results[Path(cfg.convert.checkpoint_path)] = Result(
+            checkpoint=str(cfg.convert.checkpoint_path), status="failed", error=str(e))
     except _Abandon as e:
         watcher.save()
         log.error("abandoned on a second %s; nothing partial left behind", signal.Signals(e.signum).name)
@@ -130,6 +134,7 @@ class _Watcher:
         self.results: dict[Path, Result] = {}
         self.signum: int | None = None
         self.wake = threading.Event()
+        self.polls = 0
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
@@ -168,6 +173,9 @@ class _Watcher:
         news = False
         seen = {u.path for u in units}
         for path in [p for p in self.pending if p not in seen]:
+            if path.exists():  # now part of a larger unit (accelerate's folder, once random_states_*.pkl is there)
+                del self.pending[path]
+                continue
             log.warning("%s was removed before it was converted (rotated away by the trainer?)", path)
             self._record(path, Result(checkpoint=str(path), status="skipped",
                                       error="removed before it was converted (rotated away by the trainer?)"))
@@ -204,6 +212,10 @@ class _Watcher:
             if "no checkpoints found" in str(e):
                 return []
             raise
+        finally:
+            if self.polls == 0:  # what discovery skips is logged once, not at every look
+                logging.getLogger("lmtk.discover").setLevel(logging.WARNING)
+            self.polls += 1
         return [u for u in units if not _staged(u, self.root)]
 
     def _convert(self, unit: Unit, before: _Snapshot) -> None:
@@ -288,9 +300,10 @@ def snapshot(path: Path) -> _Snapshot:
 def incomplete(unit: Unit, root: Path) -> str | None:
     """Why ``unit`` is not finished by its trainer yet, or None when it is."""
     trainer = unit.trainer
-    if trainer is None and any(unit.path.name in t.model for t in TRAINERS):
-        # accelerate's pytorch_model_fsdp_0 before random_states_*.pkl makes its folder a unit.
-        return f"{unit.path.name} is the model part of a checkpoint its trainer is still writing"
+    if trainer is None and any(m and (unit.path.parent / m).exists() for t in TRAINERS for m in t.model):
+        # accelerate's pytorch_model_fsdp_0 (or optimizer_0 beside it) before random_states_*.pkl makes their
+        # folder a unit.
+        return f"{unit.path.name} is part of a checkpoint its trainer is still writing"
     if trainer is not None and unit.path.is_dir():
         for glob in trainer.complete:
             if not any(unit.path.glob(glob)) and not (glob == DCP_METADATA and unit.layout != "dcp"):
