@@ -56,6 +56,13 @@ def main(dict_cfg: DictConfig) -> None:
         from lmtk.inspect import run_inspect
 
         results = run_inspect(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
+    elif cfg.task is Task.watch:
+        from lmtk.watch import Interrupted, run_watch
+
+        try:
+            results = run_watch(cfg, run_dir=run_dir, callbacks=_checkpoint_callbacks(hydra_cfg.callbacks))
+        except Interrupted as e:
+            sys.exit(128 + e.signum)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         what = "would fail" if cfg.task is Task.inspect else "failed"
@@ -65,6 +72,17 @@ def main(dict_cfg: DictConfig) -> None:
             raise CheckpointsFailed(f"{message} (all jobs: {sweep_summary})")
         log.error("%s", message)
         sys.exit(1)
+
+
+def _checkpoint_callbacks(configs: DictConfig) -> list:
+    """The ``hydra.callbacks`` that are ``lmtk.callbacks.CheckpointCallback``s (Hydra keeps its own instances
+    to itself, so these are built here)."""
+    from hydra.utils import get_class, instantiate
+
+    from lmtk.callbacks import CheckpointCallback
+
+    return [instantiate(c) for c in (configs or {}).values()
+            if issubclass(get_class(c._target_), CheckpointCallback)]
 
 
 def _started(sweep_dir: Path | None) -> float:

@@ -109,3 +109,12 @@ def _error_of(job_return: JobReturn) -> str:
     except Exception as e:
         return " ".join(f"{type(e).__name__}: {e}".split())
     return f"job ended with status {job_return.status.name}"
+
+
+class CheckpointCallback(Callback):
+    """Register a subclass under ``hydra.callbacks`` to act on each folder ``task=watch`` converts (in Python,
+    where ``watch.on_converted`` runs a command). An exception it raises is logged; the watch goes on."""
+
+    def on_checkpoint_converted(self, *, output: Path, checkpoint: Path, step: int | None, result: Result,
+                                **kwargs: Any) -> None:
+        pass

@@ -18,6 +18,8 @@ class Task(str, Enum):
     # What convert would do with each checkpoint, from metadata alone: nothing converted, nothing written
     # to convert.output_dir (lmtk.inspect).
     inspect = "inspect"
+    # Follow a live training run: convert each checkpoint once its trainer has finished writing it (lmtk.watch).
+    watch = "watch"
 
 
 class InitialFormat(str, Enum):
@@ -176,6 +178,20 @@ class ConvertConfig:
 
 
 @dataclass
+class WatchConfig:
+    """``task=watch``: how often to look, how long a checkpoint must be quiet, when to stop, what to run after."""
+
+    # Seconds between two looks at convert.checkpoint_path.
+    interval: float = 30.0
+    # Seconds no file of a checkpoint may change (size or mtime) before it is converted, on top of its trainer's rule.
+    settle: float = 60.0
+    # Stop once this many seconds pass with nothing new; null: only a trainer's end marker or a signal stops it.
+    idle_timeout: Optional[float] = 3600.0
+    # Commands run after each converted folder, one argv each; {output}, {checkpoint}, {step} are filled in.
+    on_converted: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
 class SweepConfig:
     # sweep=checkpoints: every file or directory matching it (sorted) becomes one job's convert.checkpoint_path.
     # (sweep=units needs none: it sweeps convert.only over the checkpoints found under convert.checkpoint_path.)
@@ -191,6 +207,7 @@ class LmtkConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
     # Set by the sweep group (sweep=checkpoints), only with --multirun.
     sweep: SweepConfig | None = None
     # The tensor namings a checkpoint may use, from the naming group: all shipped ones unless pinned (naming=NAME).

@@ -310,6 +310,68 @@ def _save(layout: str, model: Any, optimizer: Any, *, rank: int, world_size: int
         torch.save(model.state_dict(), folder / f"model_world_size_{world_size}_rank_{rank}.pt")
 
 
+def train_live(base_folder: Path, run_dir: Path, *, references: Path, steps: int = 6, save_every: int = 2,
+               keep: int = 2, pause: float = 0.0, world_size: int = 2, seed: int = 0) -> None:
+    """A live run for ``task=watch``: FSDP2 trains ``steps`` steps, saving DCP ``run_dir/step-N`` every
+    ``save_every`` and removing all but the newest ``keep`` (the Trainer's ``save_total_limit``), ``pause``
+    seconds after each step. ``references/step-N.pt`` receives ``{"input_ids", "logits"}`` at each save."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    references.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(
+        _live_worker,
+        args=(world_size, _free_port(), str(base_folder), str(run_dir), str(references), steps, save_every, keep,
+              pause, seed),
+        nprocs=world_size,
+    )
+
+
+def _live_worker(rank: int, world_size: int, port: int, base: str, run_dir: str, references: str, steps: int,
+                 save_every: int, keep: int, pause: float, seed: int) -> None:
+    import shutil
+    import time
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model = _build(Path(base), seed)
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ids = fixed_input()
+        saved: list[Path] = []
+        for step in range(1, steps + 1):
+            model.train()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step % save_every == 0:
+                model.eval()
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits
+                if rank == 0:
+                    torch.save({"input_ids": ids, "logits": logits}, Path(references) / f"step-{step}.pt")
+                folder = Path(run_dir) / f"step-{step}"
+                state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+                         "step": step}
+                dcp.save(state, checkpoint_id=folder)
+                saved.append(folder)
+                dist.barrier()
+                if rank == 0:
+                    while len(saved) > keep:
+                        shutil.rmtree(saved.pop(0))
+            time.sleep(pause)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 FSDP1_LAYOUTS = ("fsdp1_full", "fsdp1_dcp", "fsdp1_local", "fsdp1_sharded_ranks")
 
 

@@ -52,6 +52,14 @@ class Trainer:
     adapter_records: tuple[str, ...] = ()
     # The trainer's own copy of the adapter beside the FSDP part (checked against it; the FSDP part wins).
     adapter_copy: str | None = None
+    # When a unit is finished being written (``task=watch``, ``lmtk.watch``); each rule comes from the trainer's
+    # save code, cited at its entry. Globs, relative to a directory unit, that must match once the save is done:
+    complete: tuple[str, ...] = ()
+    # Names the trainer stages a save under before renaming it into place: never a unit, nor anything inside.
+    staging: str | None = None
+    # A file beside the units where the trainer records the last step it finished saving (a unit is complete
+    # once that number reaches the unit's step).
+    latest: str | None = None
 
 
 TRAINERS = (
@@ -73,6 +81,11 @@ TRAINERS = (
         # FULL_STATE_DICT checkpoints carry peft's files; the run's output_dir has them once save_model ran.
         adapter_records=("adapter_config.json", "../adapter_config.json"),
         adapter_copy="adapter_model.safetensors",
+        # transformers trainer.py, Trainer._save_checkpoint: model, optimizer, scheduler and RNG state first, then
+        # self.state.save_to_json(trainer_state.json); versions 4.36-4.38 staged all of it in tmp-checkpoint-N and
+        # renamed it to checkpoint-N at the end.
+        complete=("trainer_state.json",),
+        staging=r"tmp-checkpoint-\d+",
     ),
     Trainer(
         name="accelerate save_state",
@@ -85,6 +98,9 @@ TRAINERS = (
             "random_states_*.pkl": "RNG state", "sampler*.bin": "sampler state", "dl_state_dict*.bin": "dataloader state",
             "custom_checkpoint_*.pkl": "registered custom state",
         },
+        # accelerate accelerator.py, Accelerator.save_state: model, optimizer, scheduler, sampler, then
+        # save_accelerator_state writes random_states_{process_index}.pkl last (requires above already asks for it).
+        complete=("random_states_*.pkl",),
     ),
     Trainer(
         name="verl",
@@ -96,6 +112,9 @@ TRAINERS = (
               "lora_train_meta.json": "verl's LoRA settings (read for the scale)"},
         config=("actor/huggingface",),
         adapter_records=("actor/lora_train_meta.json", "lora_train_meta.json"),
+        # verl trainer/ppo/ray_trainer.py, RayPPOTrainer._save_checkpoint: actor (and critic) save_checkpoint, the
+        # dataloader's data.pt, and only then latest_checkpointed_iteration.txt is written with the step.
+        latest="latest_checkpointed_iteration.txt",
     ),
     Trainer(
         name="OLMo-core",
@@ -103,18 +122,29 @@ TRAINERS = (
         model=("model_and_optim",),
         skip={"train": "trainer state per rank", "config.json": "OLMo-core's experiment config",
               ".metadata.json": "OLMo-core's checkpoint metadata"},
+        # olmo_core/train/checkpoint.py, Checkpointer.save: writes into stepN-tmp, then .metadata.json, then renames
+        # the folder to stepN.
+        complete=(".metadata.json",),
+        staging=r"step\d+-tmp",
     ),
     Trainer(
         # torchtitan's CheckpointManager, and torch's DCP HuggingFaceStorageWriter, save step-N directories.
         name="torchtitan / DCP",
         unit=r"step-(?P<step>\d+)",
         skip={"sharded": "the per-rank shards the consolidated weights were made from"},
+        # torchtitan components/checkpoint.py, CheckpointManager.save -> dcp.save (async too): torch's
+        # FileSystemWriter.finish writes .metadata last (via .metadata.tmp, then a rename). Checked for every
+        # DCP part of every trainer (lmtk.watch.dcp_complete).
+        complete=(".metadata",),
     ),
     Trainer(
         # Lightning Trainer and Fabric: a .ckpt file, or a DCP directory of that name with meta.pt.
         name="Lightning",
         unit=r".+\.ckpt",
         records={"meta.pt": {"step": ("global_step", "step"), "epoch": ("epoch",)}},
+        # lightning fabric/strategies/fsdp.py, FSDPStrategy.save_checkpoint (sharded): the DCP save, then rank 0
+        # torch.save's the metadata to meta.pt. A .ckpt file is one torch.save: the quiet period alone.
+        complete=("meta.pt",),
     ),
 )
 
