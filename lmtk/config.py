@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.resources import files
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -170,11 +170,6 @@ class ConvertConfig:
     # Types a weights-only load refuses but you trust, e.g. ["argparse.Namespace"]; never needed for weights.
     allowed_globals: list[str] = field(default_factory=list)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Passed to fsspec for s3:// and gs:// locations (e.g. {key, secret, client_kwargs: {endpoint_url}}); empty:
-    # the standard credential chains. Secret values never reach a log, a summary or a card.
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    # Ranged GETs in flight at once when reading from object storage.
-    remote_concurrency: int = 4
 
 
 @dataclass

@@ -29,6 +29,7 @@ from lmtk.namings import Naming, choose, load_namings
 from lmtk.plan import Plan, fetcher
 from lmtk.progress import training_progress
 from lmtk.readers import Reader, TensorSpec, open_reader
+from lmtk.storage import require_local
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
 from lmtk.text_only import extract
@@ -66,6 +67,7 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
 
 def find_units(options: ConvertConfig) -> list[Unit]:
     """The checkpoints this run is about, once the checks that stop a whole run have passed (else raise)."""
+    check_local(options)
     root = Path(options.checkpoint_path)
     if options.write_workers < 1:
         raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
@@ -73,6 +75,14 @@ def find_units(options: ConvertConfig) -> list[Unit]:
     units = _selected(discover(root, layout=layout), root=root, only=options.only)
     _refuse_output_inside(root, Path(options.output_dir))
     return units
+
+
+def check_local(options: ConvertConfig) -> None:
+    """Every path option names a local path: a URL is one line, before anything is read or written."""
+    for option, value in (("convert.checkpoint_path", options.checkpoint_path),
+                          ("convert.output_dir", options.output_dir), ("convert.base_model", options.base_model),
+                          ("convert.lora.adapter_config", options.lora.adapter_config)):
+        require_local(value, option=option)
 
 
 def _selected(units: list[Unit], *, root: Path, only: str | None) -> list[Unit]:
