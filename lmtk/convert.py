@@ -52,7 +52,7 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
         units = find_units(options)
     except ConversionError as e:
         log.error("%s", e)
-        results = [Result(checkpoint=str(root / (options.only or "")), status="failed", error=str(e))]
+        results = [Result(checkpoint=str(root / options.only) if options.only else options.checkpoint_path, status="failed", error=str(e))]
     else:
         log.info("found %d checkpoint(s) under %s", len(units), root)
         since = time.time() if since is None else since

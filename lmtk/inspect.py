@@ -60,7 +60,7 @@ def run_inspect(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
         units = find_units(options)
     except ConversionError as e:
         log.error("%s", e)
-        results = [Planned(checkpoint=str(root / (options.only or "")), status="failed", error=str(e))]
+        results = [Planned(checkpoint=str(root / options.only) if options.only else options.checkpoint_path, status="failed", error=str(e))]
     else:
         log.info("found %d checkpoint(s) under %s", len(units), root)
         if options.checksum:  # skip decisions then compare sha256 sums, as the conversion's do

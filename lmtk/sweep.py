@@ -20,6 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lmtk.discover import discover
 from lmtk.errors import ConversionError
+from lmtk.storage import scheme_of
 
 # A run of backslashes right before a quote, or at the very end (where the closing quote follows).
 _BACKSLASHES_BEFORE_QUOTE = re.compile(r"(\\*)('|\Z)")
@@ -38,6 +39,9 @@ def sweep_values(pattern: str) -> str:
     if not pattern:
         # Also what a pattern with an unquoted comma looks like: Hydra takes it for a sweep of its own.
         raise SweepError("sweep.glob is not set (or has an unquoted comma): add \"sweep.glob='/ckpts/epoch-*'\"")
+    if scheme := scheme_of(pattern):
+        raise SweepError(f"sweep.glob={pattern}: a {scheme}:// URL; lmtk reads and writes local paths only "
+                         "(copy the checkpoints to local disk, or mount the bucket)")
     matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not matches:
         raise SweepError(f"sweep.glob={pattern}: no file or directory matches this pattern")

@@ -26,7 +26,7 @@ from typing import Any
 
 from lmtk.callbacks import CheckpointCallback
 from lmtk.config import LmtkConfig, WatchConfig
-from lmtk.convert import _Bases, convert_unit, find_units
+from lmtk.convert import _Bases, check_local, convert_unit, find_units
 from lmtk.discover import Unit
 from lmtk.errors import ConversionError
 from lmtk.layouts import DCP_METADATA
@@ -92,6 +92,7 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
     true throughout. Raises ``Interrupted`` when a second signal abandoned a conversion."""
     watch = cfg.watch
     try:
+        check_local(cfg.convert)  # before the first look: a URL would otherwise be watched as a missing folder
         check_templates(watch.on_converted)
         if watch.interval <= 0 or watch.settle < 0:
             raise ConversionError("watch", f"interval must be > 0 and settle >= 0 (got {watch.interval}, {watch.settle})")

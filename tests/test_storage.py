@@ -25,10 +25,10 @@ def bucket(s3_server: S3Server) -> S3Server:
     return s3_server
 
 
-def _one_error_line(stderr: str, *needles: str) -> str:
-    lines = [line for line in stderr.splitlines() if all(n in line for n in needles)]
-    assert len(lines) >= 1, stderr
-    assert "Traceback" not in stderr, stderr
+def _one_error_line(output: str, *needles: str) -> str:
+    lines = [line for line in output.splitlines() if all(n in line for n in needles)]
+    assert len(lines) >= 1, output
+    assert "Traceback" not in output, output
     return lines[0]
 
 
@@ -39,7 +39,7 @@ def test_a_bucket_checkpoint_path_is_refused_in_one_line(bucket: S3Server, tmp_p
                       f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}",
                       "watch.idle_timeout=1", cwd=tmp_path, env=bucket.env)
     assert result.returncode == 1, result.stderr
-    line = _one_error_line(result.stderr, url, "convert.checkpoint_path is a s3:// URL")
+    line = _one_error_line(result.stdout + result.stderr, url, "convert.checkpoint_path is a s3:// URL")
     assert "local paths only" in line
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
 
@@ -53,7 +53,7 @@ def test_a_bucket_output_or_base_is_refused_and_nothing_lands_anywhere(bucket: S
     result = run_lmtk(*(f"{k}={v}" for k, v in paths.items()), f"hydra.run.dir={tmp_path / 'run'}",
                       cwd=tmp_path, env=bucket.env)
     assert result.returncode == 1, result.stderr
-    _one_error_line(result.stderr, url, f"{option} is a s3:// URL")
+    _one_error_line(result.stdout + result.stderr, url, f"{option} is a s3:// URL")
     # The bug this guards against: "ok", exit 0, and the model in a local folder named s3:/lmtk-refusals/out.
     assert not (tmp_path / "s3:").exists()
     assert not (tmp_path / "out").exists()
@@ -67,7 +67,7 @@ def test_a_gs_or_file_url_is_refused_too(tmp_path: Path) -> None:
         result = run_lmtk(f"convert.checkpoint_path={url}", f"convert.base_model={BASE}",
                           f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
         assert result.returncode == 1, result.stderr
-        _one_error_line(result.stderr, url, "URL; lmtk reads and writes local paths only")
+        _one_error_line(result.stdout + result.stderr, url, "URL; lmtk reads and writes local paths only")
 
 
 def test_a_sweep_glob_url_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -75,5 +75,5 @@ def test_a_sweep_glob_url_is_refused_in_one_line(tmp_path: Path) -> None:
                       f"convert.base_model={BASE}", f"convert.output_dir={tmp_path / 'out'}",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode != 0
-    _one_error_line(result.stderr, "s3://lmtk-refusals/run/*.pth", "URL")
+    _one_error_line(result.stdout + result.stderr, "s3://lmtk-refusals/run/*.pth", "URL")
     assert not (tmp_path / "out").exists()

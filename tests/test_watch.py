@@ -91,7 +91,7 @@ def test_live_fsdp2_run_every_checkpoint_converted_once_with_its_logits(tmp_path
     hook, calls = _hook_override(tmp_path)
     code = ("from pathlib import Path; from lmtk.synthetic import train_live; "
             f"train_live(Path({str(base)!r}), Path({str(run)!r}), references=Path({str(refs)!r}), steps=6, "
-            "save_every=2, keep=2, pause=0.4)")
+            "save_every=2, keep=2, pause=2.0)")
     trainer = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     watcher = _watch(run, out, run_dir, f"convert.base_model={quote(str(base))}", "watch.idle_timeout=null", hook)
     try:
@@ -226,7 +226,8 @@ def test_each_trainers_write_order_is_followed(tmp_path: Path, fixture: str) -> 
 
 # -- stopping and restarting ---------------------------------------------------------------------------------------
 
-def test_sigterm_finishes_or_abandons_the_conversion_in_flight_and_a_restart_completes_the_set(tmp_path: Path) -> None:
+def test_sigterm_finishes_or_abandons_the_conversion_in_flight_and_a_restart_completes_the_set(
+        tmp_path: Path, big: tuple[Path, Path]) -> None:
     fixture = "torchtitan_llama3"
     run, out = tmp_path / "run", tmp_path / "out"
     shutil.copytree(FIXTURES / fixture / "run", run)
@@ -234,16 +235,22 @@ def test_sigterm_finishes_or_abandons_the_conversion_in_flight_and_a_restart_com
     base = f"convert.base_model={quote(str(base_of(fixture)))}"
     hook, calls = _hook_override(tmp_path)
 
-    # Two signals: the conversion in flight (the first of a process: slow, it builds the base) is abandoned,
-    # nothing of it left, exit 128 + SIGTERM.
-    first = _watch(run, out, tmp_path / "rd1", base, hook, "watch.idle_timeout=30")
+    # Two signals: the conversion in flight (a ~300 MB checkpoint, seconds to write) is abandoned, nothing of it
+    # left, exit 128 + SIGTERM.
+    big_base, big_pth = big
+    big_run, big_out = tmp_path / "big-run", tmp_path / "big-out"
+    big_run.mkdir()
+    os.link(big_pth, big_run / big_pth.name)
+    first = _watch(big_run, big_out, tmp_path / "rd1", f"convert.base_model={quote(str(big_base))}", hook,
+                   "watch.idle_timeout=30")
     _wait_for(_log_has(tmp_path / "rd1", "converting"), timeout=60, proc=first)
     first.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
     output = _finish(first)
     assert first.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
+    assert not big_out.exists() or not list(big_out.iterdir()), list(big_out.iterdir())
+    assert _calls(calls) == []
 
     # One signal: the conversion in flight finishes, nothing after it starts, exit 0.
     second = _watch(run, out, tmp_path / "rd2", base, hook, "watch.idle_timeout=30")
