@@ -173,8 +173,11 @@ def _copy_live(fixture: str, dest: Path, events: dict[str, float]) -> None:
         final = dest / unit
         staged = final.with_name(STAGED.get(fixture, {}).get(final.name, final.name))
         files = _in_save_order(src / unit, order)
+        # The completing file is the first of the last group (accelerate: the first rank's random_states_*.pkl,
+        # written after the model and optimizer of every rank).
+        last = next(i for i, f in enumerate(files) if str(f.relative_to(src / unit)).startswith(order[-1]))
         for i, file in enumerate(files):
-            if i == len(files) - 1:
+            if i == last:
                 time.sleep(HELD_BACK)
             target = staged / file.relative_to(src / unit)
             target.parent.mkdir(parents=True, exist_ok=True)
