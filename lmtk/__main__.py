@@ -57,10 +57,15 @@ def main(dict_cfg: DictConfig) -> None:
 
         results = run_inspect(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))
     elif cfg.task is Task.watch:
+        from lmtk.launchers import watch_executor
         from lmtk.watch import Interrupted, run_watch
 
+        # hydra/launcher=convert_slurm (or convert_local) makes each checkpoint's conversion a job of its own.
+        executor = watch_executor(hydra_cfg.runtime.choices.get("hydra/launcher"), hydra_cfg.launcher,
+                                  folder=run_dir / ".submitit")
         try:
-            results = run_watch(cfg, run_dir=run_dir, callbacks=_checkpoint_callbacks(hydra_cfg.callbacks))
+            results = run_watch(cfg, run_dir=run_dir, callbacks=_checkpoint_callbacks(hydra_cfg.callbacks),
+                                executor=executor)
         except Interrupted as e:
             sys.exit(128 + e.signum)
     failed = [r for r in results if r.status == "failed"]

@@ -176,12 +176,14 @@ class ConvertConfig:
 class WatchConfig:
     """``task=watch``: how often to look, how long a checkpoint must be quiet, when to stop, what to run after."""
 
-    # Seconds between two looks at convert.checkpoint_path.
+    # Seconds between two looks at convert.checkpoint_path at most (filesystem events bring the next look sooner).
     interval: float = 30.0
     # Seconds no file of a checkpoint may change (size or mtime) before it is converted, on top of its trainer's rule.
     settle: float = 60.0
     # Stop once this many seconds pass with nothing new; null: only a trainer's end marker or a signal stops it.
     idle_timeout: Optional[float] = 3600.0
+    # Wake on filesystem events (inotify) as well as every interval; false: look every interval only.
+    events: bool = True
     # Commands run after each converted folder, one argv each; {output}, {checkpoint}, {step} are filled in.
     on_converted: list[list[str]] = field(default_factory=list)
 

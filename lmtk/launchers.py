@@ -52,17 +52,8 @@ class Accounted:
     hydra_context: Any
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
-        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
         self._check_request()
-        params = dict(self.params)
-        init = {"folder": params.pop("submitit_folder")}
-        if "max_num_timeout" in params:
-            init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
-        shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in shared else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
+        executor = make_executor(self._EXECUTOR, dict(self.params))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         log.info("Submitit '%s' sweep output dir : %s", self._EXECUTOR, sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -101,19 +92,69 @@ class Accounted:
 
 class SlurmRequestCheck(Accounted):
     def _check_request(self) -> None:
-        partition = self.params.get("partition")
-        largest = largest_node(partition)
-        if largest is None:
-            return
-        name, cpus, mem_mb = largest
-        want_cpus = (self.params.get("cpus_per_task") or 1) * (self.params.get("tasks_per_node") or 1)
-        want_gb = self.params.get("mem_gb")
-        if want_cpus > cpus or (want_gb is not None and want_gb * 1024 > mem_mb):
-            raise LaunchError(
-                f"hydra.launcher asks for {want_cpus} CPUs and {want_gb} GB per job, but the largest node of "
-                f"partition {name} has {cpus} CPUs and {mem_mb / 1024:.0f} GB: lower hydra.launcher.cpus_per_task "
-                "or hydra.launcher.mem_gb, or choose another hydra.launcher.partition"
-            )
+        check_request(self.params)
+
+
+def check_request(params: Any) -> None:
+    """Refuse a job request no node of the partition can hold (sinfo's answer; nothing when sinfo cannot tell)."""
+    partition = params.get("partition")
+    largest = largest_node(partition)
+    if largest is None:
+        return
+    name, cpus, mem_mb = largest
+    want_cpus = (params.get("cpus_per_task") or 1) * (params.get("tasks_per_node") or 1)
+    want_gb = params.get("mem_gb")
+    if want_cpus > cpus or (want_gb is not None and want_gb * 1024 > mem_mb):
+        raise LaunchError(
+            f"hydra.launcher asks for {want_cpus} CPUs and {want_gb} GB per job, but the largest node of "
+            f"partition {name} has {cpus} CPUs and {mem_mb / 1024:.0f} GB: lower hydra.launcher.cpus_per_task "
+            "or hydra.launcher.mem_gb, or choose another hydra.launcher.partition"
+        )
+
+
+def make_executor(kind: str, params: dict[str, Any]) -> Any:
+    """A submitit executor (``slurm`` or ``local``) from a launcher config's parameters, as
+    hydra-submitit-launcher builds it."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    params = {k: v for k, v in params.items() if k != "_target_"}
+    init = {"folder": params.pop("submitit_folder")}
+    if "max_num_timeout" in params:
+        init[f"{kind}_max_num_timeout"] = params.pop("max_num_timeout")
+    executor = submitit.AutoExecutor(cluster=kind, **init)
+    shared = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in shared else f"{kind}_{k}": v for k, v in params.items()})
+    return executor
+
+
+# task=watch with one of these launchers submits one job per complete checkpoint (the launcher's config name ->
+# submitit's executor).
+JOB_LAUNCHERS = {"convert_slurm": "slurm", "convert_local": "local"}
+
+
+def watch_executor(choice: str | None, launcher: Any, *, folder: Path) -> Any | None:
+    """The executor ``task=watch`` submits each checkpoint's conversion to, or None to convert in-process.
+
+    ``choice`` is the ``hydra/launcher`` picked; ``launcher`` its config. Jobs' logs go under ``folder``.
+    """
+    kind = JOB_LAUNCHERS.get(choice or "")
+    if kind is None:
+        return None
+    params = OmegaConf.to_container(launcher, resolve=True)
+    assert isinstance(params, dict)
+    params["submitit_folder"] = str(folder / "%j")
+    if kind == "slurm":
+        check_request(params)
+    return make_executor(kind, {str(k): v for k, v in params.items()})
+
+
+def job_failure(job: Any, error: BaseException) -> tuple[str, dict[str, Any]]:
+    """Why a job ended without a result, in one line, and what to record of it."""
+    state = _state_of(job)
+    stderr = " | ".join(_tail(job.stderr()))
+    return (f"job {job.job_id} ended {state} ({_last_line(error)})" + (f"; the end of its stderr: {stderr}" if stderr
+            else "")), {"job": job.job_id, "job_state": state}
 
 
 def _wait(jobs: list[Any]) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,8 +29,10 @@ from lmtk.config import LmtkConfig, WatchConfig
 from lmtk.convert import _Bases, check_local, convert_unit, find_units
 from lmtk.discover import Unit
 from lmtk.errors import ConversionError
+from lmtk.launchers import job_failure
 from lmtk.layouts import DCP_METADATA
 from lmtk.namings import load_namings
+from lmtk.notify import Events
 from lmtk.output import MARKER, TEMP_TAG, read_marker
 from lmtk.pace import Pace
 from lmtk.readers.dcp_metadata import read_metadata
@@ -40,6 +42,8 @@ from lmtk.trainers import TRAINERS
 log = logging.getLogger(__name__)
 
 FIELDS = ("output", "checkpoint", "step")
+_GAP = 0.2  # seconds between two looks woken by events
+_JOB_POLL = 5.0  # seconds between two questions to the cluster about the jobs in flight
 _Snapshot = dict[str, tuple[int, int]]
 
 
@@ -87,9 +91,13 @@ def check_templates(templates: Sequence[Sequence[str]]) -> None:
                                           + ", ".join(f"{{{f}}}" for f in FIELDS))
 
 
-def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointCallback] = ()) -> list[Result]:
+def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointCallback] = (),
+              executor: Any = None) -> list[Result]:
     """Watch ``convert.checkpoint_path`` until it goes quiet or a signal stops it; ``run_dir/summary.json`` stays
-    true throughout. Raises ``Interrupted`` when a second signal abandoned a conversion."""
+    true throughout. Raises ``Interrupted`` when a second signal abandoned a conversion.
+
+    ``executor`` (a submitit executor: SLURM, or local processes) runs each conversion as its own job; the
+    watcher itself then only looks, submits and collects."""
     watch = cfg.watch
     try:
         check_local(cfg.convert)  # before the first look: a URL would otherwise be watched as a missing folder
@@ -101,7 +109,7 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
         result = Result(checkpoint=str(cfg.convert.checkpoint_path), status="failed", error=str(e))
         write_summary(run_dir / "summary.json", [result])
         return [result]
-    watcher = _Watcher(cfg, run_dir=run_dir, callbacks=callbacks)
+    watcher = _Watcher(cfg, run_dir=run_dir, callbacks=callbacks, executor=executor)
     previous = {s: signal.signal(s, watcher.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         watcher.loop()
@@ -110,10 +118,12 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
         watcher.results[Path(cfg.convert.checkpoint_path)] = Result(
             checkpoint=str(cfg.convert.checkpoint_path), status="failed", error=str(e))
     except _Abandon as e:
+        watcher.cancel_jobs()
         watcher.save()
         log.error("abandoned on a second %s; nothing partial left behind", signal.Signals(e.signum).name)
         raise Interrupted(e.signum) from None
     finally:
+        watcher.events.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
     results = watcher.save()
@@ -122,7 +132,8 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
 
 
 class _Watcher:
-    def __init__(self, cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointCallback]) -> None:
+    def __init__(self, cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointCallback],
+                 executor: Any = None) -> None:
         self.cfg, self.options, self.watch = cfg, cfg.convert, cfg.watch
         self.root = Path(self.options.checkpoint_path)
         self.run_dir = run_dir
@@ -135,7 +146,11 @@ class _Watcher:
         self.results: dict[Path, Result] = {}
         self.signum: int | None = None
         self.wake = threading.Event()
+        self.events = Events(self.root, self.wake)
         self.polls = 0
+        self.executor = executor
+        # Conversions submitted as jobs and not ended yet: checkpoint -> (job, unit, snapshot at submission).
+        self.jobs: dict[Path, tuple[Any, Unit, _Snapshot]] = {}
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
@@ -153,20 +168,43 @@ class _Watcher:
 
     def loop(self) -> None:
         last_news = time.monotonic()
-        log.info("watching %s every %gs (quiet period %gs)", self.root, self.watch.interval, self.watch.settle)
+        mode = self.events.start() if self.watch.events else "polling only (watch.events=false)"
+        where = f"as {type(self.executor).__name__} jobs" if self.executor is not None else "in this process"
+        log.info("watching %s: %s, a look every %gs at least (quiet period %gs); converting %s", self.root, mode,
+                 self.watch.interval, self.watch.settle, where)
         while self.signum is None:
-            news = self.poll()
+            self.events.refresh()
+            self.wake.clear()
+            news = self.poll() | self.collect()
             now = time.monotonic()
             if news:
                 last_news = now
-            elif self.watch.idle_timeout is not None and now - last_news >= self.watch.idle_timeout:
+            elif not self.jobs and self.watch.idle_timeout is not None and now - last_news >= self.watch.idle_timeout:
                 log.info("nothing new for %gs: the watch ends", self.watch.idle_timeout)
                 for path, pending in self.pending.items():
                     self._record(path, Result(checkpoint=str(path), status="skipped",
                                               error=f"never complete while watched: {pending.waiting}"))
                 return
-            self.wake.wait(self.watch.interval)
+            self.wake.wait(self._next_look(now, last_news))
+            if self.signum is None:
+                time.sleep(_GAP)  # a trainer writing sends events by the thousand: one look per burst
         log.info("stopped by %s", signal.Signals(self.signum).name)
+        while self.jobs:  # the conversions in flight finish (a second signal cancels them)
+            self.collect()
+            if self.jobs:
+                time.sleep(_JOB_POLL)
+
+    def _next_look(self, now: float, last_news: float) -> float:
+        """Seconds until the next look: the interval, or sooner when a checkpoint's quiet period or the idle
+        timeout ends first (events wake the watcher earlier still)."""
+        deadlines = [self.watch.interval]
+        # Only quiet periods still running: one that ended on an unfinished checkpoint waits for news.
+        deadlines += [d for p in self.pending.values() if (d := p.changed + self.watch.settle - now) > 0]
+        if self.watch.idle_timeout is not None:
+            deadlines.append(last_news + self.watch.idle_timeout - now)
+        if self.jobs:
+            deadlines.append(_JOB_POLL)
+        return max(min(deadlines), 0.0)
 
     def poll(self) -> bool:
         """One look at the run: True when anything changed or was converted."""
@@ -185,7 +223,7 @@ class _Watcher:
         for unit in units:
             if self.signum is not None:
                 break
-            if unit.path in self.done:
+            if unit.path in self.done or unit.path in self.jobs:
                 continue
             snap = snapshot(unit.path)
             now = time.monotonic()
@@ -220,8 +258,62 @@ class _Watcher:
         return [u for u in units if not _staged(u, self.root)]
 
     def _convert(self, unit: Unit, before: _Snapshot) -> None:
-        result = convert_unit(unit, bases=self.bases, namings=self.namings, options=self.options, since=self.started,
-                              pace=Pace(1))
+        kwargs = dict(bases=self.bases, namings=self.namings, options=self.options, since=self.started, pace=Pace(1))
+        if self.executor is not None:
+            # A job gets the base unloaded (it builds its own) and paths that do not depend on its working dir.
+            kwargs["bases"] = _Bases(self.options.base_model, default=self.cfg.model.name_or_path,
+                                     model_class=self.options.model_class)
+            kwargs["options"] = replace(self.options, output_dir=str(Path(self.options.output_dir).absolute()))
+            try:
+                job = self.executor.submit(_job, replace(unit, path=unit.path.absolute()), **kwargs)
+            except Exception as e:  # sbatch said no: this checkpoint fails, the watch goes on
+                self.done.add(unit.path)
+                self.pending.pop(unit.path, None)
+                self._record(unit.path, Result(checkpoint=str(unit.path), status="failed", layout=unit.layout,
+                                               error=f"{unit.path}: its job was refused: {str(e).strip()[-300:]}"))
+                return
+            log.info("%s: complete, submitted as job %s", unit.path, job.job_id)
+            self.jobs[unit.path] = (job, unit, before)
+            return
+        self._finish(unit, before, convert_unit(unit, **kwargs))
+
+    def collect(self) -> bool:
+        """Finish the checkpoints whose jobs ended: True when any did."""
+        if not self.jobs:
+            return False
+        first = next(iter(self.jobs.values()))[0]
+        try:  # one sacct call for every job
+            first.watcher.update()
+        except (AttributeError, NotImplementedError):
+            pass
+        ended = [path for path, (job, _, _) in self.jobs.items() if job.done()]
+        for path in ended:
+            job, unit, before = self.jobs.pop(path)
+            try:
+                result = job.result()
+            except Exception as e:  # killed, timed out, cancelled, or the job's own process failed
+                error, extra = job_failure(job, e)
+                log.error("%s: %s", unit.path, error)
+                result = Result(checkpoint=str(unit.path), status="failed", layout=unit.layout,
+                                error=f"{unit.path}: {error}")
+                result.metadata.update(extra)
+            else:
+                result.metadata["job"] = job.job_id
+            self._finish(unit, before, result)
+        return bool(ended)
+
+    def cancel_jobs(self) -> None:
+        for path, (job, unit, _) in list(self.jobs.items()):
+            try:
+                job.cancel(check=False)
+            except Exception as e:
+                log.debug("cancelling job %s: %s", job.job_id, e)
+            self._record(path, Result(checkpoint=str(path), status="failed", layout=unit.layout,
+                                      error=f"{path}: job {job.job_id} cancelled on a second signal"))
+        self.jobs = {}
+
+    def _finish(self, unit: Unit, before: _Snapshot, result: Result) -> None:
+        """What follows a conversion, in-process or a job's: the source checked unchanged, hooks, the summary."""
         final = Path(self.options.output_dir).absolute() / unit.name
         if not unit.path.exists():
             _remove_output(final, source=unit.path, converted=result.status == "ok")
@@ -276,6 +368,12 @@ class _Watcher:
     def _record(self, path: Path, result: Result) -> None:
         self.results[path] = result
         self.save()
+
+
+def _job(unit: Unit, **kwargs: Any) -> Result:
+    """One checkpoint's conversion as a job of its own (its log goes to the job's stderr)."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    return convert_unit(unit, **kwargs)
 
 
 def snapshot(path: Path) -> _Snapshot:

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FsdpRun, assert_matches_reference, run_lmtk, summary_of
+from helpers import (FIXTURES, FsdpRun, assert_logits, assert_matches_reference, base_of, reference_of, run_lmtk,
+                     summary_of)
 
 
 def _cluster() -> str | None:
@@ -179,3 +180,24 @@ def test_a_request_sbatch_refuses_says_why(gpt2: FsdpRun, tmp_path: Path) -> Non
     assert proc.returncode == 1
     assert ("slurm refused the sweep's jobs: sbatch: error: Batch job submission failed: Invalid partition name "
             "specified") in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_watch_submits_one_job_per_complete_checkpoint(tmp_path: Path) -> None:
+    """``task=watch hydra/launcher=convert_slurm``: the watcher stays a light process; each checkpoint it finds
+    complete is converted by a SLURM job of its own, accounted for in the summary."""
+    fixture = "torchtitan_llama3"
+    run, out, run_dir = tmp_path / "run", tmp_path / "out", tmp_path / "rd"
+    shutil.copytree(FIXTURES / fixture / "run" / "outputs" / "checkpoint", run)
+    proc = run_lmtk("task=watch", "hydra/launcher=convert_slurm", f"convert.checkpoint_path={run}",
+                    f"convert.output_dir={out}", f"hydra.run.dir={run_dir}", f"convert.base_model={base_of(fixture)}",
+                    "watch.interval=1", "watch.settle=0.5", "watch.idle_timeout=3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = summary_of(run_dir)
+    assert [r["status"] for r in results] == ["ok", "ok"], results
+    jobs = [r["metadata"]["job"] for r in results]
+    assert len(set(jobs)) == 2
+    for job in jobs:
+        assert job_states(job) == ["COMPLETED"], job
+    reference = reference_of(fixture)
+    for result in results:
+        assert_logits(Path(result["output"]), reference, Path(result["output"]).name)

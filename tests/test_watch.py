@@ -51,9 +51,10 @@ def _calls(calls: Path) -> list[list[str]]:
     return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
 
-def _watch(run: Path, out: Path, run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
+def _watch(run: Path, out: Path, run_dir: Path, *overrides: str, fast: bool = True,
+           extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     args = [f"convert.checkpoint_path={quote(str(run))}", f"convert.output_dir={quote(str(out))}",
-            f"hydra.run.dir={quote(str(run_dir))}", "task=watch", *FAST, *overrides]
+            f"hydra.run.dir={quote(str(run_dir))}", "task=watch", *(FAST if fast else ()), *extra, *overrides]
     return subprocess.Popen([sys.executable, "-m", "lmtk", *args], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -313,3 +314,54 @@ def test_unknown_template_field_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line]
     assert errors and "watch.on_converted" in errors[0] and "{path}" in errors[0], proc.stdout + proc.stderr
+
+
+# -- waking and jobs -----------------------------------------------------------------------------------------------
+
+def test_filesystem_events_bring_the_next_look_long_before_the_interval(tmp_path: Path) -> None:
+    """With a look every 10 minutes only, a checkpoint written after the watch began converts within seconds:
+    inotify woke it. (Polling alone would not look again before this test gives up.)"""
+    fixture = "torchtitan_llama3"
+    run, out, run_dir = tmp_path / "run", tmp_path / "out", tmp_path / "rd"
+    run.mkdir()
+    watcher = _watch(run, out, run_dir, f"convert.base_model={quote(str(base_of(fixture)))}", fast=False,
+                     extra=("watch.interval=600", "watch.settle=0.5", "watch.idle_timeout=null"))
+    try:
+        _wait_for(_log_has(run_dir, "watching"), timeout=60, proc=watcher)
+        assert "inotify" in (run_dir / "lmtk.log").read_text()
+        shutil.copytree(FIXTURES / fixture / "run" / "outputs" / "checkpoint", run / "checkpoint")
+        _wait_for(lambda: all((out / s / MARKER).exists() for s in ("step-2", "step-4")), timeout=90, proc=watcher)
+        watcher.send_signal(signal.SIGTERM)
+        output = _finish(watcher)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, output[-3000:]
+    reference = reference_of(fixture)
+    for step in ("step-2", "step-4"):
+        assert_logits(out / step, reference, step)
+    _no_partial(out)
+
+
+def test_each_checkpoint_converts_as_a_job_of_its_own_under_a_submitit_launcher(tmp_path: Path) -> None:
+    """``hydra/launcher=convert_local`` (SLURM's resources as local processes, through submitit): the watcher
+    submits one job per complete checkpoint and collects it; the hook runs once each."""
+    fixture = "torchtitan_llama3"
+    run, out, run_dir = tmp_path / "run", tmp_path / "out", tmp_path / "rd"
+    shutil.copytree(FIXTURES / fixture / "run" / "outputs" / "checkpoint", run)
+    hook, calls = _hook_override(tmp_path)
+    watcher = _watch(run, out, run_dir, f"convert.base_model={quote(str(base_of(fixture)))}", hook,
+                     "hydra/launcher=convert_local", "hydra.launcher.cpus_per_task=1", "watch.idle_timeout=3")
+    try:
+        output = _finish(watcher, timeout=300)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, output[-3000:]
+    results = summary_of(run_dir)
+    assert [r["status"] for r in results] == ["ok", "ok"], results
+    jobs = [r["metadata"]["job"] for r in results]
+    assert len(set(jobs)) == 2 and all((run_dir / ".submitit" / j).is_dir() for j in jobs), jobs
+    assert sorted(Path(c[1]).name for c in _calls(calls)) == ["step-2", "step-4"]
+    reference = reference_of(fixture)
+    for result in results:
+        assert_logits(Path(result["output"]), reference, Path(result["output"]).name)
+    _no_partial(out)
