@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.resources import files
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -145,7 +145,14 @@ class ConvertConfig:
     only: Optional[str] = None
     initial_format: InitialFormat = InitialFormat.fsdp
     final_format: FinalFormat = FinalFormat.huggingface
+    # A local folder, or a bucket: s3://bucket/prefix, gs://bucket/prefix (pip install "lmtk[s3]" / "lmtk[gcs]").
     output_dir: str = "${paths.converted}"
+    # fsspec options for a bucket output_dir (key, secret, client_kwargs.endpoint_url, ...); null: the standard
+    # credential chains (AWS env vars, profiles, instance roles, AWS_ENDPOINT_URL; Google's default credentials).
+    # A mapping, typed Any so that one override sets it whole: convert.storage_options={key:...,secret:...}.
+    storage_options: Any = None
+    # Where a conversion into a bucket is made before it is uploaded; null: the system's temp dir.
+    staging_dir: Optional[str] = None
     # A shard never exceeds this size unless one tensor does (huggingface_hub's rule).
     max_shard_size: str = "5GB"
     # Shard files written at once; on a 2-core machine with one disk more workers gained less than the noise

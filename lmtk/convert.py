@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from lmtk.namings import Naming, choose, load_namings
 from lmtk.plan import Plan, fetcher
 from lmtk.progress import training_progress
 from lmtk.readers import Reader, TensorSpec, open_reader
-from lmtk.storage import require_local
+from lmtk.storage import BucketFolder, require_local, require_local_or_bucket, scheme_of
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
 from lmtk.text_only import extract
@@ -73,16 +75,21 @@ def find_units(options: ConvertConfig) -> list[Unit]:
         raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
     layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
     units = _selected(discover(root, layout=layout), root=root, only=options.only)
-    _refuse_output_inside(root, Path(options.output_dir))
+    if scheme_of(options.output_dir) is None:
+        _refuse_output_inside(root, Path(options.output_dir))
     return units
 
 
-def check_local(options: ConvertConfig) -> None:
-    """Every path option names a local path: a URL is one line, before anything is read or written."""
-    for option, value in (("convert.checkpoint_path", options.checkpoint_path),
-                          ("convert.output_dir", options.output_dir), ("convert.base_model", options.base_model),
+def check_local(options: ConvertConfig, *, bucket_output: bool = True) -> None:
+    """Every path option names a local path (``convert.output_dir`` may be a bucket): a URL lmtk cannot serve is
+    one line, before anything is read or written."""
+    for option, value in (("convert.checkpoint_path", options.checkpoint_path), ("convert.base_model", options.base_model),
                           ("convert.lora.adapter_config", options.lora.adapter_config)):
         require_local(value, option=option)
+    if bucket_output:
+        require_local_or_bucket(options.output_dir, option="convert.output_dir")
+    else:
+        require_local(options.output_dir, option="convert.output_dir")
 
 
 def _selected(units: list[Unit], *, root: Path, only: str | None) -> list[Unit]:
@@ -128,7 +135,64 @@ class _Outcome:
 
 def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
                  pace: Pace | None = None) -> Result:
-    final = Path(options.output_dir).absolute() / unit.name
+    if scheme_of(options.output_dir) is not None:
+        return _convert_to_bucket(unit, bases=bases, namings=namings, options=options, since=since, pace=pace)
+    return _convert_unit(unit, bases=bases, namings=namings, options=options, since=since, pace=pace,
+                         final=Path(options.output_dir).absolute() / unit.name)
+
+
+def _convert_to_bucket(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
+                       pace: Pace | None) -> Result:
+    """Convert into a local staging folder, as always, then hand its files to the bucket (``lmtk.storage``)."""
+    url = f"{options.output_dir.rstrip('/')}/{unit.name}"
+    try:
+        staging = staging_folder(unit.name, options)
+    except ConversionError as e:
+        log.error("%s failed %s", (pace or Pace(1)).tag, e)
+        return Result(checkpoint=str(unit.path), status="failed", layout=unit.layout, error=str(e))
+    local = staging / unit.name
+    try:
+        try:
+            bucket = BucketFolder(url, storage_options=options.storage_options)
+            bucket.stage_marker(local)  # the bucket's conversion.json decides skip / refuse / replace
+        except ConversionError as e:
+            log.error("%s failed %s", (pace or Pace(1)).tag, e)
+            return Result(checkpoint=str(unit.path), status="failed", layout=unit.layout, error=str(e))
+        result = _convert_unit(unit, bases=bases, namings=namings, options=options, since=since, pace=pace,
+                               final=local)
+        result.output = url
+        if result.status != "ok":
+            return result
+        started = time.perf_counter()
+        try:
+            sent = bucket.upload(local)
+        except ConversionError as e:
+            log.error("%s: %s; nothing of it is left as a model in the bucket", unit.path, e)
+            result.status, result.error = "failed", str(e)
+            return result
+        log.info("%s: uploaded %s in %.1fs", url, _size(sent), time.perf_counter() - started)
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_folder(name: str, options: ConvertConfig) -> Path:
+    """A new local folder for one conversion into a bucket, in ``convert.staging_dir`` (made when missing)."""
+    try:
+        if options.staging_dir is not None:
+            Path(options.staging_dir).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"lmtk-{name}-", dir=options.staging_dir))
+    except OSError as e:
+        raise ConversionError(options.staging_dir or tempfile.gettempdir(),
+                              f"convert.staging_dir: cannot make a staging folder: {e.strerror or e}") from e
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
+                  pace: Pace | None, final: Path) -> Result:
     pace = pace or Pace(1)
     started = pace.start()
     trainer = f", {unit.trainer.name}" if unit.trainer else ""

@@ -10,19 +10,21 @@ chunk, ``convert.verify``) shows when converting.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmtk.config import ConvertConfig, LmtkConfig
-from lmtk.convert import _Bases, _main_dtype, find_units, prepare, unit_error
+from lmtk.convert import _Bases, _main_dtype, find_units, prepare, staging_folder, unit_error
 from lmtk.discover import Unit
 from lmtk.errors import ConversionError
 from lmtk.namings import Naming, load_namings
 from lmtk.pace import Pace
 from lmtk.progress import training_progress
 from lmtk.readers import open_reader
+from lmtk.storage import BucketFolder, scheme_of
 from lmtk.summary import Result, write_summary
 
 log = logging.getLogger(__name__)
@@ -70,12 +72,37 @@ def run_inspect(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
         namings = load_namings(cfg.namings)
         results = [inspect_unit(unit, bases=bases, namings=namings, options=options, since=since) for unit in units]
     write_summary(run_dir / "summary.json", results)
-    print(table(results, root=root, output_dir=Path(options.output_dir).absolute()), flush=True)
+    output_dir = options.output_dir if scheme_of(options.output_dir) else Path(options.output_dir).absolute()
+    print(table(results, root=root, output_dir=output_dir), flush=True)
     return results
 
 
 def inspect_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float) -> Planned:
-    final = Path(options.output_dir).absolute() / unit.name
+    if scheme_of(options.output_dir) is None:
+        return _inspect_unit(unit, bases=bases, namings=namings, options=options, since=since,
+                             final=Path(options.output_dir).absolute() / unit.name)
+    url = f"{options.output_dir.rstrip('/')}/{unit.name}"
+    staging = None
+    try:
+        staging = staging_folder(unit.name, options)
+        local = staging / unit.name
+        try:  # the bucket's conversion.json, read only: a dry run removes nothing
+            BucketFolder(url, storage_options=options.storage_options).stage_marker(local, clean=False)
+        except ConversionError as e:
+            log.warning("would fail: %s", e)
+            return Planned(checkpoint=str(unit.path), status="failed", output=url, layout=unit.layout, error=str(e))
+        entry = _inspect_unit(unit, bases=bases, namings=namings, options=options, since=since, final=local)
+    except ConversionError as e:
+        return Planned(checkpoint=str(unit.path), status="failed", output=url, layout=unit.layout, error=str(e))
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    entry.output = url
+    return entry
+
+
+def _inspect_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
+                  final: Path) -> Planned:
     entry = Planned(checkpoint=str(unit.path), status="planned", output=str(final), layout=unit.layout,
                     trainer=unit.trainer.name if unit.trainer else None)
     for sibling, what in unit.siblings():
@@ -116,7 +143,7 @@ def _replacing(existing: dict[str, Any] | None, *, source: str, overwrite: bool)
     return "converted again (convert.overwrite=true)" if overwrite else "converted again: the source or options changed"
 
 
-def table(results: list[Planned], *, root: Path, output_dir: Path) -> str:
+def table(results: list[Planned], *, root: Path, output_dir: Path | str) -> str:
     """The plan, one row per checkpoint, then the reason for each refusal and the totals."""
     header = ["#", "checkpoint", "trainer", "layout", "step", "naming", "base model (from)", "dtype", "size",
               "output", "decision"]

@@ -100,7 +100,9 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
     watcher itself then only looks, submits and collects."""
     watch = cfg.watch
     try:
-        check_local(cfg.convert)  # before the first look: a URL would otherwise be watched as a missing folder
+        # Before the first look: a URL would otherwise be watched as a missing folder. (A bucket output_dir is not
+        # served here yet: a vanished checkpoint's folder is removed locally.)
+        check_local(cfg.convert, bucket_output=False)
         check_templates(watch.on_converted)
         if watch.interval <= 0 or watch.settle < 0:
             raise ConversionError("watch", f"interval must be > 0 and settle >= 0 (got {watch.interval}, {watch.settle})")
@@ -169,9 +171,9 @@ class _Watcher:
     def loop(self) -> None:
         last_news = time.monotonic()
         mode = self.events.start() if self.watch.events else "polling only (watch.events=false)"
-        where = f"as {type(self.executor).__name__} jobs" if self.executor is not None else "in this process"
-        log.info("watching %s: %s, a look every %gs at least (quiet period %gs); converting %s", self.root, mode,
-                 self.watch.interval, self.watch.settle, where)
+        where = f"{type(self.executor).__name__} jobs" if self.executor is not None else "this process"
+        log.info("watching %s: %s, a look every %gs at least (quiet period %gs); conversions run in %s", self.root,
+                 mode, self.watch.interval, self.watch.settle, where)
         while self.signum is None:
             self.events.refresh()
             self.wake.clear()
