@@ -80,16 +80,13 @@ def find_units(options: ConvertConfig) -> list[Unit]:
     return units
 
 
-def check_local(options: ConvertConfig, *, bucket_output: bool = True) -> None:
+def check_local(options: ConvertConfig) -> None:
     """Every path option names a local path (``convert.output_dir`` may be a bucket): a URL lmtk cannot serve is
     one line, before anything is read or written."""
     for option, value in (("convert.checkpoint_path", options.checkpoint_path), ("convert.base_model", options.base_model),
                           ("convert.lora.adapter_config", options.lora.adapter_config)):
         require_local(value, option=option)
-    if bucket_output:
-        require_local_or_bucket(options.output_dir, option="convert.output_dir")
-    else:
-        require_local(options.output_dir, option="convert.output_dir")
+    require_local_or_bucket(options.output_dir, option="convert.output_dir")
 
 
 def _selected(units: list[Unit], *, root: Path, only: str | None) -> list[Unit]:
@@ -155,12 +152,12 @@ def _convert_to_bucket(unit: Unit, *, bases: _Bases, namings: list[Naming], opti
         try:
             bucket = BucketFolder(url, storage_options=options.storage_options)
             bucket.stage_marker(local)  # the bucket's conversion.json decides skip / refuse / replace
-        except ConversionError as e:
-            log.error("%s failed %s", (pace or Pace(1)).tag, e)
-            return Result(checkpoint=str(unit.path), status="failed", layout=unit.layout, error=str(e))
+        except (ConversionError, OSError) as e:
+            error = unit_error(e, unit=unit, final=local)
+            log.error("%s failed %s", (pace or Pace(1)).tag, error)
+            return Result(checkpoint=str(unit.path), status="failed", layout=unit.layout, error=str(error))
         result = _convert_unit(unit, bases=bases, namings=namings, options=options, since=since, pace=pace,
-                               final=local)
-        result.output = url
+                               final=local, shown=url)
         if result.status != "ok":
             return result
         started = time.perf_counter()
@@ -192,11 +189,14 @@ def _size(n: int) -> str:
 
 
 def _convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
-                  pace: Pace | None, final: Path) -> Result:
+                  pace: Pace | None, final: Path, shown: str | None = None) -> Result:
+    """Convert ``unit`` into the folder ``final``; ``shown`` is where the user sees it go (a bucket URL, when
+    ``final`` is its staging folder), in the log, the summary and every error."""
     pace = pace or Pace(1)
     started = pace.start()
+    where = shown or str(final)
     trainer = f", {unit.trainer.name}" if unit.trainer else ""
-    log.info("%s converting %s (%s layout%s) -> %s", pace.tag, unit.model, unit.layout, trainer, final)
+    log.info("%s converting %s (%s layout%s) -> %s", pace.tag, unit.model, unit.layout, trainer, where)
     for sibling, what in unit.siblings():
         log.info("%s: skipping %s (%s)", unit.path, sibling.name, what)
     reader, metadata = None, {}
@@ -209,20 +209,20 @@ def _convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: 
         outcome = _convert(reader, unit, base=base, base_origin=origin, namings=namings, final=final,
                            options=options, metadata=metadata, since=since)
     except Exception as e:
-        error = unit_error(e, unit=unit, final=final)
+        error = str(unit_error(e, unit=unit, final=final)).replace(str(final), where)
         pace.end(started)
         log.error("%s failed %s%s", pace.tag, error, pace.eta)
-        return failed(error=str(error), metadata=metadata)
+        return failed(error=error, metadata=metadata)
     finally:
         if reader is not None:
             reader.close()
     seconds = pace.end(started)
     if outcome.status == "skipped":
-        log.info("%s skipped %s: %s is already converted from this very source%s", pace.tag, unit.path, final, pace.eta)
+        log.info("%s skipped %s: %s is already converted from this very source%s", pace.tag, unit.path, where, pace.eta)
     else:
-        log.info("%s done %s in %.1fs, %s%s", pace.tag, final, seconds, pace.size(outcome.bytes_written), pace.eta)
+        log.info("%s done %s in %.1fs, %s%s", pace.tag, where, seconds, pace.size(outcome.bytes_written), pace.eta)
     return Result(
-        checkpoint=str(unit.path), status=outcome.status, output=str(final), layout=unit.layout,  # type: ignore[arg-type]
+        checkpoint=str(unit.path), status=outcome.status, output=where, layout=unit.layout,  # type: ignore[arg-type]
         seconds=round(seconds, 3), bytes_written=outcome.bytes_written, metadata=metadata, verify=outcome.verify,
         warnings=outcome.warnings,
     )

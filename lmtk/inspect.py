@@ -98,6 +98,8 @@ def inspect_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: C
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     entry.output = url
+    if entry.error:  # named as the user sees it: the bucket, not its staging folder
+        entry.error = entry.error.replace(str(local), url)
     return entry
 
 

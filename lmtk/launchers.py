@@ -115,8 +115,11 @@ def check_request(params: Any) -> None:
 def make_executor(kind: str, params: dict[str, Any]) -> Any:
     """A submitit executor (``slurm`` or ``local``) from a launcher config's parameters, as
     hydra-submitit-launcher builds it."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    try:
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    except ImportError as e:
+        raise LaunchError(f"{kind} jobs need submitit: pip install \"lmtk[slurm]\" ({e.name} is missing)") from None
 
     params = {k: v for k, v in params.items() if k != "_target_"}
     init = {"folder": params.pop("submitit_folder")}

@@ -5,12 +5,9 @@ Lustre, a mounted bucket) sends no event for a file written on another host.
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 class Events:
@@ -20,7 +17,6 @@ class Events:
         self.root, self.wake = root, wake
         self._observer: Any = None
         self._watching: Path | None = None
-        self.mode = "polling"
 
     def start(self) -> str:
         """Start watching; what the watcher runs on, for the log ("inotify" or why it is polling only)."""
@@ -48,8 +44,7 @@ class Events:
         if type(self._observer).__name__ == "PollingObserver":  # watchdog's fallback: a second poller, not events
             self.stop()
             return "polling only (no inotify here)"
-        self.mode = "inotify"
-        return self.mode
+        return "inotify"
 
     def refresh(self) -> None:
         """Watch ``root`` recursively once it exists (it may appear after the watch starts)."""

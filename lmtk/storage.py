@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from lmtk.errors import ConversionError
+from lmtk.output import MARKER
 
 log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 # The schemes a model folder can be written to, and the extra that brings their fsspec filesystem.
 BUCKETS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
-MARKER = "conversion.json"
 # botocore's own retry of throttling, 5xx and dropped connections, bounded (s3fs retries on top, briefly).
 _S3_RETRIES = {"retries": {"max_attempts": 5, "mode": "standard"}}
 
@@ -78,6 +78,8 @@ class BucketFolder:
         except ImportError as e:
             raise ConversionError(url, f"writing to {scheme}:// needs its filesystem: pip install "
                                   f"\"lmtk[{BUCKETS[scheme]}]\" ({e.name} is missing)") from e
+        except Exception as e:  # options the filesystem does not take, a malformed URL, ...
+            raise ConversionError(url, f"cannot open the bucket: {reason_of(e)} (check convert.storage_options)") from e
         self.url = url.rstrip("/")
         self.path = self.path.rstrip("/")
 

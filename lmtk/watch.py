@@ -36,6 +36,7 @@ from lmtk.notify import Events
 from lmtk.output import MARKER, TEMP_TAG, read_marker
 from lmtk.pace import Pace
 from lmtk.readers.dcp_metadata import read_metadata
+from lmtk.storage import scheme_of
 from lmtk.summary import Result, log_summary, write_summary
 from lmtk.trainers import TRAINERS
 
@@ -100,9 +101,10 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
     watcher itself then only looks, submits and collects."""
     watch = cfg.watch
     try:
-        # Before the first look: a URL would otherwise be watched as a missing folder. (A bucket output_dir is not
-        # served here yet: a vanished checkpoint's folder is removed locally.)
-        check_local(cfg.convert, bucket_output=False)
+        check_local(cfg.convert)  # before the first look: a URL would otherwise be watched as a missing folder
+        if scheme := scheme_of(cfg.convert.output_dir):  # a vanished checkpoint's folder is removed locally
+            raise ConversionError(cfg.convert.output_dir, f"convert.output_dir is a {scheme}:// URL; task=watch writes "
+                                  "to local folders only (task=convert writes to buckets)")
         check_templates(watch.on_converted)
         if watch.interval <= 0 or watch.settle < 0:
             raise ConversionError("watch", f"interval must be > 0 and settle >= 0 (got {watch.interval}, {watch.settle})")
@@ -171,7 +173,7 @@ class _Watcher:
     def loop(self) -> None:
         last_news = time.monotonic()
         mode = self.events.start() if self.watch.events else "polling only (watch.events=false)"
-        where = f"{type(self.executor).__name__} jobs" if self.executor is not None else "this process"
+        where = f"{getattr(self.executor, 'cluster', 'submitit')} jobs" if self.executor is not None else "this process"
         log.info("watching %s: %s, a look every %gs at least (quiet period %gs); conversions run in %s", self.root,
                  mode, self.watch.interval, self.watch.settle, where)
         while self.signum is None:

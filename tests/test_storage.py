@@ -139,7 +139,7 @@ def test_a_folder_of_another_checkpoint_in_the_bucket_is_refused(models: S3Serve
                       f"convert.output_dir={url}", f"hydra.run.dir={tmp_path / 'rd2'}", cwd=tmp_path, env=models.env)
     assert result.returncode == 1
     line = _one_error_line(result.stdout + result.stderr, "already holds the conversion of another checkpoint")
-    assert f"{url}/step-2" in line or "step-2" in line
+    assert f"{url}/step-2 already holds the conversion of another checkpoint" in line, line
     fs.invalidate_cache()
     assert {k: fs.info(k)["ETag"] for k in fs.find(f"{OUT_BUCKET}/clash")} == before
 
@@ -221,3 +221,22 @@ def test_storage_options_in_the_config_reach_the_bucket_and_stay_secret(models: 
     written += fs.cat_file(f"{OUT_BUCKET}/opts/step-2/{MARKER}").decode()
     written += fs.cat_file(f"{OUT_BUCKET}/opts/step-2/README.md").decode()
     assert options["secret"] not in written
+
+
+def test_a_bucket_output_under_task_watch_is_refused_in_one_line(models: S3Server, tmp_path: Path) -> None:
+    url = f"s3://{OUT_BUCKET}/watched"
+    result = run_lmtk("task=watch", f"convert.checkpoint_path={tmp_path}", f"convert.output_dir={url}",
+                      f"hydra.run.dir={tmp_path / 'rd'}", "watch.idle_timeout=1", cwd=tmp_path, env=models.env)
+    assert result.returncode == 1, result.stderr
+    _one_error_line(result.stdout + result.stderr, url, "task=watch writes to local folders only")
+    assert models.filesystem().find(f"{OUT_BUCKET}/watched") == []
+
+
+def test_storage_options_the_filesystem_refuses_are_one_line(models: S3Server, tmp_path: Path) -> None:
+    url = f"s3://{OUT_BUCKET}/badopts"
+    result = _run_into(url, tmp_path, models.env, "convert.storage_options={no_such_option:1}", "convert.only=step-2",
+                       "convert.staging_dir=" + str(tmp_path / "stage"))
+    assert result.returncode == 1, result.stderr
+    _one_error_line(result.stdout + result.stderr, f"{url}/step-2", "no_such_option")
+    assert list((tmp_path / "stage").iterdir()) == []
+    assert models.filesystem().find(f"{OUT_BUCKET}/badopts") == []
