@@ -48,7 +48,8 @@ def main(dict_cfg: DictConfig) -> None:
 
     if cfg.task is Task.convert:
         # The disk starts reading the checkpoints while torch and transformers are imported.
-        prefetch_checkpoints(Path(cfg.convert.checkpoint_path), only=cfg.convert.only)
+        if "://" not in cfg.convert.checkpoint_path:  # a bucket is read by range, not through the page cache
+            prefetch_checkpoints(Path(cfg.convert.checkpoint_path), only=cfg.convert.only)
         from lmtk.convert import run_convert
 
         results = run_convert(cfg, run_dir=run_dir, since=_started(Path(hydra_cfg.sweep.dir) if multirun else None))

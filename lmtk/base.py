@@ -12,18 +12,21 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from lmtk import __version__
+from lmtk import __version__, remote
 from lmtk.architecture import Architecture, build_architecture
 from lmtk.errors import ConversionError
 from lmtk.layouts import HF_WEIGHTS_FILE
 from lmtk.readers.base import Reader
 from lmtk.readers.safetensors import INDEX, SafetensorsReader
+from lmtk.storage import scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,14 @@ class BaseModel:
     model_class: str | None = None
 
     @cached_property
+    def remote(self) -> Any:
+        """The base's folder in a bucket (``s3://...``), or None."""
+        return remote.location(self.name_or_path, listed=False) if scheme_of(self.name_or_path) else None
+
+    @cached_property
     def folder(self) -> Path:
+        if self.remote is not None:
+            return self._local_copy(self.remote)
         local = Path(self.name_or_path)
         if local.is_dir():
             if not (local / "config.json").is_file():
@@ -66,6 +76,18 @@ class BaseModel:
                 "unreachable or offline; set convert.base_model=/path/to/folder holding config.json "
                 "(and tokenizer files)",
             ) from e
+
+    def _local_copy(self, folder: Any) -> Path:
+        """A base folder in a bucket: its config, tokenizer and processor files (small) in a local temp folder,
+        for transformers to read; its weights stay in the bucket."""
+        if not (folder / "config.json").is_file():
+            raise ConversionError(folder, "not a model folder: it has no config.json")
+        local = Path(tempfile.mkdtemp(prefix="lmtk-base-"))
+        weakref.finalize(self, shutil.rmtree, local, True)
+        for name in _HUB_PATTERNS:
+            if (folder / name).is_file():
+                (local / name).write_bytes((folder / name).read_bytes())
+        return local
 
     @cached_property
     def config_dict(self) -> dict[str, Any]:
@@ -102,8 +124,8 @@ class BaseModel:
 
     def weights(self) -> Reader:
         """The base model's own weights (safetensors, memory-mapped), for checkpoints that hold only an adapter."""
-        folder = self.folder
-        if not _has_weights(folder) and not Path(self.name_or_path).is_dir():
+        folder = self.remote if self.remote is not None else self.folder
+        if not _has_weights(folder) and self.remote is None and not Path(self.name_or_path).is_dir():
             from huggingface_hub import snapshot_download
 
             try:
@@ -159,7 +181,7 @@ class BaseModel:
         return found
 
 
-def _has_weights(folder: Path) -> bool:
+def _has_weights(folder: Any) -> bool:
     return (folder / INDEX).is_file() or any(HF_WEIGHTS_FILE.match(p.name) for p in folder.iterdir())
 
 

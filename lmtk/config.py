@@ -139,7 +139,8 @@ class ConvertConfig:
     # Config and tokenizer: a hub id or a local folder. Unset: the checkpoint's own (verl's actor/huggingface,
     # a Trainer checkpoint's config.json) when it carries one, else model.name_or_path.
     base_model: Optional[str] = None
-    # A checkpoint, a directory of checkpoints, or a training run's output directory.
+    # A checkpoint, a directory of checkpoints, or a training run's output directory; local, or in a bucket
+    # (s3://bucket/run, gs://bucket/run), read in place by ranged GETs.
     checkpoint_path: str = "${paths.checkpoints}"
     # Convert only this one of the checkpoints found under checkpoint_path (its path relative to it).
     only: Optional[str] = None
@@ -147,12 +148,14 @@ class ConvertConfig:
     final_format: FinalFormat = FinalFormat.huggingface
     # A local folder, or a bucket: s3://bucket/prefix, gs://bucket/prefix (pip install "lmtk[s3]" / "lmtk[gcs]").
     output_dir: str = "${paths.converted}"
-    # fsspec options for a bucket output_dir (key, secret, client_kwargs.endpoint_url, ...); null: the standard
+    # fsspec options for buckets (key, secret, client_kwargs.endpoint_url, ...); null: the standard
     # credential chains (AWS env vars, profiles, instance roles, AWS_ENDPOINT_URL; Google's default credentials).
     # A mapping, typed Any so that one override sets it whole: convert.storage_options={key:...,secret:...}.
     storage_options: Any = None
     # Where a conversion into a bucket is made before it is uploaded; null: the system's temp dir.
     staging_dir: Optional[str] = None
+    # Ranged GETs in flight while reading from a bucket (16 MiB each): memory beyond a local conversion's.
+    remote_concurrency: int = 4
     # A shard never exceeds this size unless one tensor does (huggingface_hub's rule).
     max_shard_size: str = "5GB"
     # Shard files written at once; on a 2-core machine with one disk more workers gained less than the noise

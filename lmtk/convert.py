@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lmtk import __version__
+from lmtk import __version__, remote
 from lmtk.adapters import (Checked, Lora, LoraScale, adapter_config, adapter_tensors, check, find_lora, merged,
                            differing, scale_of, untrained)
 from lmtk.architecture import Architecture
@@ -48,13 +48,14 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
     replaced by another checkpoint's conversion.
     """
     options = cfg.convert
-    root = Path(options.checkpoint_path)
+    root = options.checkpoint_path
     bases = _Bases(options.base_model, default=cfg.model.name_or_path, model_class=options.model_class)
     try:
         units = find_units(options)
     except ConversionError as e:
         log.error("%s", e)
-        results = [Result(checkpoint=str(root / options.only) if options.only else options.checkpoint_path, status="failed", error=str(e))]
+        results = [Result(checkpoint=f"{root.rstrip('/')}/{options.only}" if options.only else root, status="failed",
+                          error=str(e))]
     else:
         log.info("found %d checkpoint(s) under %s", len(units), root)
         since = time.time() if since is None else since
@@ -70,7 +71,8 @@ def run_convert(cfg: LmtkConfig, *, run_dir: Path, since: float | None = None) -
 def find_units(options: ConvertConfig) -> list[Unit]:
     """The checkpoints this run is about, once the checks that stop a whole run have passed (else raise)."""
     check_local(options)
-    root = Path(options.checkpoint_path)
+    remote.configure(storage_options=options.storage_options, concurrency=options.remote_concurrency)
+    root = remote.location(options.checkpoint_path)
     if options.write_workers < 1:
         raise ConversionError("convert.write_workers", f"must be 1 or more, not {options.write_workers}")
     layout = None if options.initial_format is InitialFormat.fsdp else options.initial_format.value
@@ -81,15 +83,16 @@ def find_units(options: ConvertConfig) -> list[Unit]:
 
 
 def check_local(options: ConvertConfig) -> None:
-    """Every path option names a local path (``convert.output_dir`` may be a bucket): a URL lmtk cannot serve is
-    one line, before anything is read or written."""
+    """Every path option names a local path or a bucket (``lora.adapter_config``: local only): a URL lmtk cannot
+    serve is one line, before anything is read or written."""
+    require_local(options.lora.adapter_config, option="convert.lora.adapter_config")
     for option, value in (("convert.checkpoint_path", options.checkpoint_path), ("convert.base_model", options.base_model),
-                          ("convert.lora.adapter_config", options.lora.adapter_config)):
-        require_local(value, option=option)
-    require_local_or_bucket(options.output_dir, option="convert.output_dir")
+                          ("convert.output_dir", options.output_dir)):
+        if value is not None:
+            require_local_or_bucket(value, option=option)
 
 
-def _selected(units: list[Unit], *, root: Path, only: str | None) -> list[Unit]:
+def _selected(units: list[Unit], *, root: Any, only: str | None) -> list[Unit]:
     if only is None:
         return units
     wanted = (root / only).resolve()
@@ -460,10 +463,10 @@ def _adapter_warnings(reader: Reader, unit: Unit, adapter: _Adapter, *, metadata
         warnings.append(f"every lora_B is exactly zero{at}: the adapter is untrained or was mis-gathered, so "
                         "the merged model equals its base")
     if (copy := unit.adapter_copy()) is not None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
         tensors = adapter_tensors(adapter.lora, adapter.checked, reader.specs(), base={})
-        differ = differing(reader, load_file(copy), tensors)
+        differ = differing(reader, load(copy.read_bytes()) if remote.is_remote(copy) else load_file(copy), tensors)
         if differ:
             warnings.append(f"the trainer's own {copy.name} differs from the FSDP part in {len(differ)} tensor(s) "
                             f"({listing(differ, limit=3)}; only rank 0's slice?); converting the FSDP part")

@@ -51,7 +51,7 @@ class Unit:
     def config_folder(self) -> Path | None:
         """Where the unit carries the model's own HF config (verl's actor/huggingface, a Trainer checkpoint)."""
         for relative in self.trainer.config if self.trainer else ():
-            folder = Path(os.path.normpath(self.path / relative))
+            folder = _normal(self.path / relative)
             if _is_hf_config(folder / HF_CONFIG):
                 return folder
         return None
@@ -60,7 +60,7 @@ class Unit:
         """Where a LoRA adapter's settings may be recorded: the trainer's places, then beside the checkpoint."""
         places = [self.path / r for r in (self.trainer.adapter_records if self.trainer else ())]
         places += [self.path / "adapter_config.json", self.path.parent / "adapter_config.json"]
-        unique = dict.fromkeys(Path(os.path.normpath(p)) for p in places if p.parent.is_dir())
+        unique = dict.fromkeys(_normal(p) for p in places if p.parent.is_dir())
         return list(unique)
 
     def adapter_copy(self) -> Path | None:
@@ -125,6 +125,11 @@ def _unit_at(path: Path, *, top: bool) -> Unit | None:
             return Unit(path, path, "full")  # a file named by the user is a checkpoint, whatever its suffix
     found = detect(path)
     return Unit(path, path, found) if found else None
+
+
+def _normal(path: Path) -> Path:
+    """``a/b/../c`` as ``a/c``, for a local path or one in a bucket alike."""
+    return type(path)(os.path.normpath(path.as_posix()))
 
 
 def _has_all(path: Path, globs: tuple[str, ...]) -> bool:

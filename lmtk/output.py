@@ -35,6 +35,8 @@ def fingerprint(files: list[Path], *, options: dict[str, Any], checksum: bool) -
     for file in files:
         stat = file.stat()
         entry: dict[str, Any] = {"path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if etag := getattr(stat, "etag", None):  # an object in a bucket: rewritten, it has another
+            entry["etag"] = etag
         if checksum:
             entry["sha256"] = _sha256(file)
         entries.append(entry)
@@ -43,7 +45,7 @@ def fingerprint(files: list[Path], *, options: dict[str, Any], checksum: bool) -
 
 def _sha256(file: Path) -> str:
     digest = hashlib.sha256()
-    with open(file, "rb") as f:
+    with file.open("rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def prefetch(paths: list[Path]) -> None:
-    files = [p for p in paths if p.is_file()]
+    files = [p for p in paths if isinstance(p, Path) and p.is_file()]  # objects in a bucket are read by range
     if sum(p.stat().st_size for p in files) > _available_memory() // 2:
         return
     for path in files:

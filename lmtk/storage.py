@@ -40,15 +40,15 @@ def require_local(location: str | None, *, option: str) -> None:
         return
     scheme = scheme_of(location)
     if scheme is not None:
-        raise ConversionError(location, f"{option} is a {scheme}:// URL; lmtk reads checkpoints and base models from "
-                              "local paths only (copy them to local disk, or mount the bucket)")
+        raise ConversionError(location, f"{option} is a {scheme}:// URL; it must be a local path")
 
 
 def require_local_or_bucket(location: str, *, option: str) -> None:
-    """Refuse a URL lmtk cannot write a model folder to (``file://``, ``http://`` ...)."""
+    """Refuse a URL lmtk cannot read or write (``file://``, ``http://`` ...)."""
     scheme = scheme_of(location)
     if scheme is not None and scheme not in BUCKETS:
-        raise ConversionError(location, f"{option} is a {scheme}:// URL; lmtk writes to local paths, s3:// and gs://")
+        raise ConversionError(location, f"{option} is a {scheme}:// URL; lmtk reads and writes local paths, s3:// "
+                              "and gs://")
 
 
 def reason_of(error: BaseException) -> str:
@@ -59,27 +59,32 @@ def reason_of(error: BaseException) -> str:
     return f"{kind}: {text[:300]}" if kind else f"{type(error).__name__}: {text[:300]}"
 
 
+def filesystem(url: str, *, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem of a bucket URL and the URL's path on it (``bucket/key``), or one line why not."""
+    scheme = scheme_of(url)
+    assert scheme in BUCKETS, url
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise ConversionError("convert.storage_options", f"must be a mapping of fsspec options, not "
+                              f"{type(storage_options).__name__}")
+    try:
+        from fsspec.core import url_to_fs
+
+        options = dict(storage_options or {})
+        if BUCKETS[scheme] == "s3":
+            options["config_kwargs"] = {**_S3_RETRIES, **options.get("config_kwargs", {})}
+        return url_to_fs(url, **options)
+    except ImportError as e:
+        raise ConversionError(url, f"{scheme}:// needs its filesystem: pip install "
+                              f"\"lmtk[{BUCKETS[scheme]}]\" ({e.name} is missing)") from e
+    except Exception as e:  # options the filesystem does not take, a malformed URL, ...
+        raise ConversionError(url, f"cannot open the bucket: {reason_of(e)} (check convert.storage_options)") from e
+
+
 class BucketFolder:
     """One model folder in a bucket: ``url`` = ``<output_dir>/<unit name>``."""
 
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
-        scheme = scheme_of(url)
-        assert scheme in BUCKETS, url
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise ConversionError("convert.storage_options", f"must be a mapping of fsspec options, not "
-                                  f"{type(storage_options).__name__}")
-        try:
-            from fsspec.core import url_to_fs
-
-            options = dict(storage_options or {})
-            if BUCKETS[scheme] == "s3":
-                options["config_kwargs"] = {**_S3_RETRIES, **options.get("config_kwargs", {})}
-            self.fs, self.path = url_to_fs(url, **options)
-        except ImportError as e:
-            raise ConversionError(url, f"writing to {scheme}:// needs its filesystem: pip install "
-                                  f"\"lmtk[{BUCKETS[scheme]}]\" ({e.name} is missing)") from e
-        except Exception as e:  # options the filesystem does not take, a malformed URL, ...
-            raise ConversionError(url, f"cannot open the bucket: {reason_of(e)} (check convert.storage_options)") from e
+        self.fs, self.path = filesystem(url, storage_options=storage_options)
         self.url = url.rstrip("/")
         self.path = self.path.rstrip("/")
 

@@ -20,7 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from lmtk.discover import discover
 from lmtk.errors import ConversionError
-from lmtk.storage import scheme_of
+from lmtk.storage import BUCKETS, filesystem, reason_of, scheme_of
 
 # A run of backslashes right before a quote, or at the very end (where the closing quote follows).
 _BACKSLASHES_BEFORE_QUOTE = re.compile(r"(\\*)('|\Z)")
@@ -40,13 +40,28 @@ def sweep_values(pattern: str) -> str:
         # Also what a pattern with an unquoted comma looks like: Hydra takes it for a sweep of its own.
         raise SweepError("sweep.glob is not set (or has an unquoted comma): add \"sweep.glob='/ckpts/epoch-*'\"")
     if scheme := scheme_of(pattern):
-        raise SweepError(f"sweep.glob={pattern}: a {scheme}:// URL; lmtk reads and writes local paths only "
-                         "(copy the checkpoints to local disk, or mount the bucket)")
+        return ",".join(quote(url) for url in _bucket_matches(pattern, scheme))
     matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     if not matches:
         raise SweepError(f"sweep.glob={pattern}: no file or directory matches this pattern")
     # Absolute: jobs may start in another working directory (a cluster node, a submitit worker).
     return ",".join(quote(os.path.abspath(m)) for m in matches)
+
+
+def _bucket_matches(pattern: str, scheme: str) -> list[str]:
+    """The objects and folders in a bucket matching ``pattern`` (credentials: the standard chains)."""
+    if scheme not in BUCKETS:
+        raise SweepError(f"sweep.glob={pattern}: a {scheme}:// URL; lmtk reads local paths, s3:// and gs://")
+    try:
+        fs, path = filesystem(pattern)
+        found = sorted(fs.glob(path))
+    except ConversionError as e:
+        raise SweepError(f"sweep.glob: {e}") from None
+    except Exception as e:  # wrong credentials, no such bucket, the store unreachable
+        raise SweepError(f"sweep.glob={pattern}: cannot list it: {reason_of(e)}") from None
+    if not found:
+        raise SweepError(f"sweep.glob={pattern}: nothing in the bucket matches this pattern")
+    return [f"{scheme}://{key.rstrip('/')}" for key in found]
 
 
 def sweep_units(root: str) -> str:

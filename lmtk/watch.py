@@ -102,6 +102,9 @@ def run_watch(cfg: LmtkConfig, *, run_dir: Path, callbacks: Sequence[CheckpointC
     watch = cfg.watch
     try:
         check_local(cfg.convert)  # before the first look: a URL would otherwise be watched as a missing folder
+        if scheme := scheme_of(cfg.convert.checkpoint_path):  # events and quiet periods are a local filesystem's
+            raise ConversionError(cfg.convert.checkpoint_path, f"convert.checkpoint_path is a {scheme}:// URL; "
+                                  "task=watch follows local (or mounted) run folders only (task=convert reads buckets)")
         if scheme := scheme_of(cfg.convert.output_dir):  # a vanished checkpoint's folder is removed locally
             raise ConversionError(cfg.convert.output_dir, f"convert.output_dir is a {scheme}:// URL; task=watch writes "
                                   "to local folders only (task=convert writes to buckets)")

@@ -41,50 +41,52 @@ def _one_error_line(output: str, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("task", ["convert", "inspect", "watch"])
-def test_a_bucket_checkpoint_path_is_refused_in_one_line(bucket: S3Server, tmp_path: Path, task: str) -> None:
+def test_task_watch_refuses_a_bucket_checkpoint_path_in_one_line(bucket: S3Server, tmp_path: Path) -> None:
     url = f"s3://{BUCKET}/run"
-    result = run_lmtk(f"task={task}", f"convert.checkpoint_path={url}", f"convert.base_model={BASE}",
+    result = run_lmtk("task=watch", f"convert.checkpoint_path={url}", f"convert.base_model={BASE}",
                       f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}",
                       "watch.idle_timeout=1", cwd=tmp_path, env=bucket.env)
     assert result.returncode == 1, result.stderr
     line = _one_error_line(result.stdout + result.stderr, url, "convert.checkpoint_path is a s3:// URL")
-    assert "local paths only" in line
+    assert "task=watch follows local (or mounted) run folders only" in line
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("option", ["convert.base_model"])
-def test_a_bucket_base_is_refused_and_nothing_lands_anywhere(bucket: S3Server, tmp_path: Path, option: str) -> None:
-    url = f"s3://{BUCKET}/out"
-    paths = {"convert.checkpoint_path": str(EXAMPLE), "convert.base_model": str(BASE),
-             "convert.output_dir": str(tmp_path / "out"), option: url}
-    result = run_lmtk(*(f"{k}={v}" for k, v in paths.items()), f"hydra.run.dir={tmp_path / 'run'}",
-                      cwd=tmp_path, env=bucket.env)
+def test_task_inspect_reads_a_bucket_checkpoint_path(bucket: S3Server, tmp_path: Path) -> None:
+    result = run_lmtk("task=inspect", f"convert.checkpoint_path=s3://{BUCKET}/run", f"convert.base_model={BASE}",
+                      f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                      env=bucket.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["checkpoint"] for r in summary_of(tmp_path / "run")] == [f"s3://{BUCKET}/run/bare.pth"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_config_url_is_refused_and_nothing_lands_anywhere(bucket: S3Server, tmp_path: Path) -> None:
+    url = f"s3://{BUCKET}/adapter_config.json"
+    result = run_lmtk(f"convert.checkpoint_path={EXAMPLE}", f"convert.base_model={BASE}",
+                      f"convert.output_dir={tmp_path / 'out'}", f"convert.lora.adapter_config={url}",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=bucket.env)
     assert result.returncode == 1, result.stderr
-    _one_error_line(result.stdout + result.stderr, url, f"{option} is a s3:// URL")
-    # The bug this guards against: "ok", exit 0, and the model in a local folder named s3:/lmtk-refusals/out.
+    _one_error_line(result.stdout + result.stderr, url, "convert.lora.adapter_config is a s3:// URL; it must be a "
+                    "local path")
     assert not (tmp_path / "s3:").exists()
     assert not (tmp_path / "out").exists()
-    fs = bucket.filesystem()
-    assert fs.find(f"{BUCKET}/out") == []
-    assert fs.find(f"{BUCKET}/run") == [f"{BUCKET}/run/bare.pth"]
 
 
-def test_a_gs_or_file_url_is_refused_too(tmp_path: Path) -> None:
-    for url in ("gs://some-bucket/run", f"file://{EXAMPLE}"):
+def test_a_file_or_http_url_is_refused_in_one_line(tmp_path: Path) -> None:
+    for url in (f"file://{EXAMPLE}", "https://example.com/run"):
         result = run_lmtk(f"convert.checkpoint_path={url}", f"convert.base_model={BASE}",
                           f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
         assert result.returncode == 1, result.stderr
-        _one_error_line(result.stdout + result.stderr, url, "URL; lmtk reads checkpoints and base models from local "
-                        "paths only")
+        _one_error_line(result.stdout + result.stderr, url, "URL; lmtk reads and writes local paths, s3:// and gs://")
 
 
-def test_a_sweep_glob_url_is_refused_in_one_line(tmp_path: Path) -> None:
-    result = run_lmtk("--multirun", "sweep=checkpoints", "sweep.glob='s3://lmtk-refusals/run/*.pth'",
+def test_a_sweep_glob_matching_nothing_in_the_bucket_is_one_line(bucket: S3Server, tmp_path: Path) -> None:
+    result = run_lmtk("--multirun", "sweep=checkpoints", f"sweep.glob='s3://{BUCKET}/run/*.nothing'",
                       f"convert.base_model={BASE}", f"convert.output_dir={tmp_path / 'out'}",
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, env=bucket.env)
     assert result.returncode != 0
-    _one_error_line(result.stdout + result.stderr, "s3://lmtk-refusals/run/*.pth", "URL")
+    _one_error_line(result.stdout + result.stderr, f"s3://{BUCKET}/run/*.nothing", "nothing in the bucket matches")
     assert not (tmp_path / "out").exists()
 
 

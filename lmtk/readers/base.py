@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +52,6 @@ class Reader(Protocol):
     def read(self, name: str) -> torch.Tensor: ...
 
     # The tensor as pieces whose bytes, concatenated, are the tensor's: lets shards stream uncopied.
-    def read_pieces(self, name: str) -> list[torch.Tensor]: ...
+    def read_pieces(self, name: str) -> Iterable[torch.Tensor]: ...
 
     def close(self) -> None: ...

@@ -8,23 +8,28 @@ counters) are never unpickled.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import math
 import os
 import pickle
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from torch import _weights_only_unpickler
 
+from lmtk import remote
 from lmtk.errors import ConversionError, listing
 from lmtk.layouts import DCP_METADATA as METADATA
 from lmtk.readers.base import SourceInfo, TensorSpec
 from lmtk.readers.dcp_metadata import read_metadata
+from lmtk.remote import is_remote
 from lmtk.readers.full import STATE_DICT_KEYS
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,7 @@ class DcpReader:
         self._mapped: dict[Path, torch.UntypedStorage] = {}
         self._files: dict[Path, BinaryIO] = {}
         self._opening = threading.Lock()
+        self._places: dict[tuple[str, int], Any] = {}
         self.info = SourceInfo(layout="dcp", files=[path / METADATA, *files], location=root)
 
     def _check_files(self, storage_data: dict[Any, Any]) -> list[Path]:
@@ -103,9 +109,11 @@ class DcpReader:
             region.copy_(chunk)
         return full
 
-    def read_pieces(self, name: str) -> list[torch.Tensor]:
+    def read_pieces(self, name: str) -> Iterable[torch.Tensor]:
         """The tensor as pieces whose bytes, in order, are the whole tensor's: no copy for row shards."""
         size = tuple(self._tensors[self._by_model_name[name]].size)
+        if is_remote(self.path):
+            return self._remote_pieces(name, size)
         chunks = sorted(self._chunks(name), key=lambda c: c[0])
         rows = 0
         for offset, chunk in chunks:
@@ -114,6 +122,48 @@ class DcpReader:
                 return [self.read(name)]
             rows += chunk.shape[0]
         return [chunk.contiguous() for _, chunk in chunks]
+
+    def _remote_pieces(self, name: str, size: tuple[int, ...]) -> Iterable[torch.Tensor]:
+        """Row chunks stream from the bucket part by part; any other tiling is assembled first."""
+        fqn = self._by_model_name[name]
+        chunks = sorted(((tuple(index.offset), info) for index, info in self._storage[fqn]), key=lambda c: c[0])
+        places, rows = [], 0
+        for offset, info in chunks:
+            place = self._remote_place(info, fqn)
+            shape = place[3] if place else ()
+            if place is None or len(size) == 0 or offset[0] != rows or tuple(offset[1:]) != (0,) * (len(size) - 1) \
+                    or tuple(shape[1:]) != size[1:] or place[4] != _contiguous(shape):
+                return [self.read(name)]
+            places.append(place)
+            rows += shape[0]
+        return itertools.chain.from_iterable(
+            remote.stream(self.path / info.relative_path, start, nbytes, dtype=dtype)
+            for (info, start, nbytes, _, _, dtype) in places) if places else iter(())
+
+    def _remote_place(self, info: Any, fqn: str) -> tuple[Any, int, int, tuple[int, ...], tuple[int, ...], torch.dtype] | None:
+        """Where a chunk's tensor lies in its .distcp object (read off the chunk's zip directory), or None."""
+        known = (info.relative_path, info.offset)
+        if known not in self._places:
+            self._places[known] = self._read_place(info, fqn)
+        return self._places[known]
+
+    def _read_place(self, info: Any, fqn: str) -> tuple[Any, int, int, tuple[int, ...], tuple[int, ...], torch.dtype] | None:
+        file = self.path / info.relative_path
+        try:
+            with file.open("rb", buffering=_DIRECTORY_READ) as f:
+                archive = torch._C.PyTorchFileReader(_FileSlice(f, info.offset, info.length, positional=False))
+                storage, offset, size, stride = _TensorPickle(io.BytesIO(archive.get_record("data.pkl"))).load()
+                kind, dtype, key, _, numel = storage
+                start = info.offset + archive.get_record_offset(f"data/{key}")
+        except (pickle.UnpicklingError, TypeError, ValueError):
+            return None
+        except ConversionError:
+            raise
+        except Exception as e:
+            raise ConversionError(file, f"corrupt chunk of {fqn} ({type(e).__name__})") from e
+        if kind != "storage" or not isinstance(dtype, torch.dtype) or offset != 0:
+            return None
+        return info, start, math.prod(size) * dtype.itemsize, size, stride, dtype
 
     def _chunks(self, name: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         fqn = self._by_model_name[name]
@@ -124,6 +174,8 @@ class DcpReader:
         file = self.path / info.relative_path
         if getattr(info, "transform_descriptors", None):
             raise ConversionError(file, f"{fqn} is stored with transforms {info.transform_descriptors}; not supported")
+        if is_remote(file):
+            return self._remote_chunk(file, info, fqn)
         with self._opening:  # shard files may be written by several threads
             if file not in self._mapped:
                 self._files[file] = open(file, "rb")
@@ -139,11 +191,30 @@ class DcpReader:
             raise ConversionError(file, f"the chunk of {fqn} holds a {type(tensor).__name__}, not a tensor")
         return tensor
 
+    def _remote_chunk(self, file: Any, info: Any, fqn: str) -> torch.Tensor:
+        """A chunk from a bucket: its one plain tensor fetched by range, or (anything else) its archive whole."""
+        place = self._remote_place(info, fqn)
+        if place is not None:
+            _, start, nbytes, size, stride, dtype = place
+            return remote.tensor(file, start, nbytes).view(dtype).as_strided(size, stride)
+        window = remote.tensor(file, info.offset, info.length)
+        try:
+            archive = torch._C.PyTorchFileReader(io.BytesIO(window.numpy().tobytes()))
+            tensor = _load_archive(archive, window.untyped_storage(), _Whole(info.length))
+        except Exception as e:
+            raise ConversionError(file, f"corrupt chunk of {fqn} ({type(e).__name__})") from e
+        if not isinstance(tensor, torch.Tensor):
+            raise ConversionError(file, f"the chunk of {fqn} holds a {type(tensor).__name__}, not a tensor")
+        return tensor
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._storage, self._mapped, self._files = {}, {}, {}
 
+
+# Bytes per GET while reading a chunk's zip directory and pickle from a bucket.
+_DIRECTORY_READ = 64 << 10
 
 # The storage classes torch.save names a tensor's storage by.
 _STORAGE_DTYPES = {
@@ -197,11 +268,28 @@ def _load_archive(archive: Any, mapped: torch.UntypedStorage, info: Any) -> Any:
     return torch.serialization._load(archive, "cpu", _weights_only_unpickler, overall_storage=window, encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class _Whole:
+    """A chunk's place when its archive is a buffer of its own."""
+
+    length: int
+    offset: int = 0
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 class _FileSlice(io.RawIOBase):
     """A read-only window of an open file, so torch's zip reader sees one chunk's archive."""
 
-    def __init__(self, file: BinaryIO, start: int, length: int) -> None:
+    def __init__(self, file: BinaryIO, start: int, length: int, *, positional: bool = True) -> None:
         self._file, self._start, self._length, self._pos = file, start, length, 0
+        self._positional = positional
 
     def readable(self) -> bool:
         return True
@@ -219,7 +307,11 @@ class _FileSlice(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")[: max(self._length - self._pos, 0)]
-        n = os.preadv(self._file.fileno(), [view], self._start + self._pos)  # no shared file position: thread-safe
+        if not self._positional:  # an object in a bucket, read through its own buffer
+            self._file.seek(self._start + self._pos)
+            n = self._file.readinto(view)
+        else:
+            n = os.preadv(self._file.fileno(), [view], self._start + self._pos)  # no shared file position: thread-safe
         self._pos += n
         return n
 

@@ -151,7 +151,7 @@ def read_metadata(path: Path) -> Any:
     if not file.is_file():
         raise ConversionError(path, "incomplete DCP checkpoint: no .metadata file (the save did not finish?)")
     try:
-        with open(file, "rb") as f:
+        with file.open("rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise ConversionError(file, f"refused to unpickle: {e}") from e

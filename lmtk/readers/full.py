@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmtk.errors import ConversionError
+from lmtk.remote import is_remote, materialize, streamed
 from lmtk.readers.base import SourceInfo, TensorSpec
 from lmtk.readers.safe import ONE_RANK, Placeholder, safe_load
 
@@ -54,7 +55,7 @@ class FullStateDictReader:
         for name, t in tensors.items():
             if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
                 raise ConversionError(path, f"{ONE_RANK} ({name} is a {type(t).__name__})")
-            if t.is_sparse or t.device.type == "meta":
+            if t.is_sparse or t.device.type == "meta" and not is_remote(path):
                 raise ConversionError(path, f"tensor {name} is {'sparse' if t.is_sparse else 'on the meta device'}")
         self._tensors = tensors
         self.info = SourceInfo(layout="full", files=[path], metadata=metadata, location=location)
@@ -63,9 +64,13 @@ class FullStateDictReader:
         return {name: TensorSpec.of(t) for name, t in self._tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
+        if is_remote(self.path):
+            return materialize(self.path, self._tensors[name])
         return self._tensors[name]
 
-    def read_pieces(self, name: str) -> list[torch.Tensor]:
+    def read_pieces(self, name: str) -> Iterable[torch.Tensor]:
+        if is_remote(self.path):
+            return streamed(self.path, self._tensors[name])
         return [self._tensors[name]]
 
     def close(self) -> None:

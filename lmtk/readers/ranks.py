@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lmtk.errors import ConversionError, listing
+from lmtk.remote import is_remote, materialize
 from lmtk.layouts import RANK_FILE
 from lmtk.readers.base import SourceInfo, TensorSpec
 from lmtk.readers.full import find_state_dict
@@ -63,6 +64,8 @@ class RankShardReader:
         try:
             for file in files:
                 tensors, location, metadata = find_state_dict(safe_load(file, allowed_globals=allowed_globals), file)
+                if is_remote(file):
+                    _fetch_meshes(file, tensors)
                 self._ranks.append(tensors)
         finally:
             mesh_log.setLevel(level)
@@ -90,7 +93,7 @@ class RankShardReader:
     def read(self, name: str) -> torch.Tensor:
         first = self._ranks[0][name]
         if not hasattr(first, "placements"):
-            return first  # a plain tensor is the same whole tensor on every rank
+            return self._local(0, name)  # a plain tensor is the same whole tensor on every rank
         full = torch.empty(tuple(first.shape), dtype=first.dtype)
         for rank, tensors in enumerate(self._ranks):
             dtensor = tensors[name]
@@ -101,22 +104,37 @@ class RankShardReader:
                 raise ConversionError(self.info.files[rank], f"{name}: {e}") from e
             for dim, start in offsets.items():
                 region = region.narrow(dim, start, dtensor._local_tensor.shape[dim])
-            region.copy_(dtensor._local_tensor)
+            region.copy_(self._local(rank, name))
         return full
+
+    def _local(self, rank: int, name: str) -> torch.Tensor:
+        """A rank's own piece (fetched from a bucket when the files lie there)."""
+        piece = self._ranks[rank][name]
+        piece = getattr(piece, "_local_tensor", piece)
+        return materialize(self.info.files[rank], piece) if is_remote(self.path) else piece
 
     def read_pieces(self, name: str) -> list[torch.Tensor]:
         """Row shards (``Shard(0)`` over one mesh dim) stream as the ranks' own memory-mapped pieces."""
         first = self._ranks[0][name]
         placements = getattr(first, "placements", None)
         if placements is None:
-            return [first]
+            return [self._local(0, name)]
         if len(placements) != 1 or not placements[0].is_shard(0) or type(placements[0]).__name__ != "Shard":
             return [self.read(name)]
         order = sorted(range(self.world), key=lambda r: _offsets(self._ranks[r][name], r).get(0, 0))
-        return [self._ranks[r][name]._local_tensor.contiguous() for r in order]
+        return [self._local(r, name).contiguous() for r in order]
 
     def close(self) -> None:
         self._ranks = []
+
+
+def _fetch_meshes(file: Any, tensors: dict[str, Any]) -> None:
+    """Loaded without data from a bucket, the device meshes' own small rank tensors are fetched at once."""
+    meshes = {id(m): m for t in tensors.values() if (m := getattr(t, "device_mesh", None)) is not None}
+    for mesh in meshes.values():
+        for key, value in vars(mesh).items():
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                setattr(mesh, key, materialize(file, value))
 
 
 def _offsets(dtensor: Any, rank: int) -> dict[int, int]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lmtk.errors import ConversionError
+from lmtk.remote import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _placeholder(name: str) -> type[Placeholder]:
 
 def sniff(path: Path) -> str:
     """Why a file is not a torch.save checkpoint, or "" when it looks like one."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         head = f.read(64)
     if not head:
         return "empty file (0 bytes)"
@@ -82,21 +83,33 @@ def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
     """
     if reason := sniff(path):
         raise ConversionError(path, reason)
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         zipped = f.read(4) == _ZIP_MAGIC
-    if zipped and not zipfile.is_zipfile(path):
-        raise ConversionError(path, "truncated or corrupt file (its zip directory is missing)")
+        if zipped and not zipfile.is_zipfile(f):
+            raise ConversionError(path, "truncated or corrupt file (its zip directory is missing)")
+    if is_remote(path) and not zipped:
+        raise ConversionError(path, "saved in torch's legacy (pre-1.6) format, which cannot be read in place from a "
+                              "bucket; copy it to local disk")
     trusted = [(resolve_global(name), name) for name in allowed_globals]
+
+    def load() -> Any:
+        if not is_remote(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        # From a bucket: the pickle and the zip directory only; each tensor's bytes are fetched when read.
+        with path.open("rb") as f:
+            return torch.load(f, map_location="meta", weights_only=True)
+
     try:  # most files hold tensors and plain values only: one load, no scan
         with torch.serialization.safe_globals(trusted):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            return load()
     except Exception as e:
         if not isinstance(e, pickle.UnpicklingError) and "global" not in str(e).lower():
             raise ConversionError(path, _load_failure(e)) from e
     unknown: set[str] = set()
     if zipped:
         try:
-            unknown = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            with path.open("rb") as f:
+                unknown = set(torch.serialization.get_unsafe_globals_in_checkpoint(f))
         except Exception as e:  # a broken zip: torch.load below names it better
             log.debug("%s: could not list globals: %s", path, e)
     for _ in range(64):  # each round learns the globals the last one stopped at
@@ -104,7 +117,7 @@ def safe_load(path: Path, *, allowed_globals: Sequence[str] = ()) -> Any:
         inert = [(_placeholder(name), name) for name in sorted(unknown - set(allowed_globals))]
         try:
             with torch.serialization.safe_globals(trusted + inert):
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+                obj = load()
         except Exception as e:
             if (found := _REFUSED_GLOBAL.search(str(e))) and found[1] not in unknown:
                 unknown.add(found[1])

@@ -9,19 +9,22 @@ Files are memory-mapped and never unpickled: a safetensors header is JSON.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lmtk import remote
 from lmtk.errors import ConversionError, listing
 from lmtk.layouts import HF_SHARD_FILE, HF_WEIGHTS_FILE
 from lmtk.readers.base import SourceInfo, TensorSpec
+from lmtk.remote import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class _File:
     def __init__(self, path: Path) -> None:
         self.path = path
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ConversionError(path, f"truncated safetensors file ({size} bytes)")
@@ -79,12 +82,20 @@ class _File:
 
     def tensor(self, entry: Entry) -> torch.Tensor:
         """The tensor's bytes in the file's private mapping: reading touches only its pages."""
+        if is_remote(self.path):
+            return remote.tensor(self.path, entry.start, entry.end - entry.start).view(entry.dtype).reshape(entry.shape)
         if self._mapped is None:
             self._mapped = torch.UntypedStorage.from_file(str(self.path), False, self.path.stat().st_size)
         out = torch.empty(0, dtype=entry.dtype)
         if entry.start % entry.dtype.itemsize:  # an unaligned data start (torch's consolidation pads no header)
             return out.set_(self._mapped[entry.start : entry.end].clone()).reshape(entry.shape)
         return out.set_(self._mapped, entry.start // entry.dtype.itemsize, entry.shape)
+
+    def pieces(self, entry: Entry) -> Iterable[torch.Tensor]:
+        """The tensor's bytes in order: its mapping, or parts fetched from a bucket as the writer goes."""
+        if is_remote(self.path):
+            return remote.stream(self.path, entry.start, entry.end - entry.start, dtype=entry.dtype)
+        return [self.tensor(entry)]
 
 
 class SafetensorsReader:
@@ -111,8 +122,9 @@ class SafetensorsReader:
         file, entry = self._entries[name]
         return file.tensor(entry)
 
-    def read_pieces(self, name: str) -> list[torch.Tensor]:
-        return [self.read(name)]
+    def read_pieces(self, name: str) -> Iterable[torch.Tensor]:
+        file, entry = self._entries[name]
+        return file.pieces(entry)
 
     def close(self) -> None:
         self._files, self._entries = {}, {}
@@ -175,14 +187,14 @@ class HfShardsReader:
             region.copy_(self._tensor(part))
         return full
 
-    def read_pieces(self, name: str) -> list[torch.Tensor]:
+    def read_pieces(self, name: str) -> Iterable[torch.Tensor]:
         """Row slices stream as the shard files' own mapped bytes (copied by the kernel); others are assembled."""
         shape = self._shapes[name]
         parts = sorted((p for p in self._slices[name] if math.prod(p.entry.shape)), key=lambda p: p.offsets)
         if len(shape) == 0 or any(p.offsets[1:] != (0,) * (len(shape) - 1) or p.entry.shape[1:] != shape[1:]
                                   for p in parts):
             return [self.read(name)]
-        return [self._tensor(p) for p in parts]
+        return itertools.chain.from_iterable(self._files[p.entry.file].pieces(p.entry) for p in parts)
 
     def close(self) -> None:
         self._files, self._slices = {}, {}
