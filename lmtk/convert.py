@@ -31,7 +31,7 @@ from lmtk.namings import Naming, choose, load_namings
 from lmtk.plan import Plan, fetcher
 from lmtk.progress import training_progress
 from lmtk.readers import Reader, TensorSpec, open_reader
-from lmtk.storage import BucketFolder, require_local, require_local_or_bucket, scheme_of
+from lmtk.storage import BucketFolder, Uploads, require_local, require_local_or_bucket, scheme_of
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
 from lmtk.text_only import extract
@@ -143,7 +143,8 @@ def convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: C
 
 def _convert_to_bucket(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
                        pace: Pace | None) -> Result:
-    """Convert into a local staging folder, as always, then hand its files to the bucket (``lmtk.storage``)."""
+    """Convert into a local staging folder, as always, its weight files sent to the bucket while they are written
+    (S3), then the rest, ``conversion.json`` last (``lmtk.storage``)."""
     url = f"{options.output_dir.rstrip('/')}/{unit.name}"
     try:
         staging = staging_folder(unit.name, options)
@@ -159,18 +160,27 @@ def _convert_to_bucket(unit: Unit, *, bases: _Bases, namings: list[Naming], opti
             error = unit_error(e, unit=unit, final=local)
             log.error("%s failed %s", (pace or Pace(1)).tag, error)
             return Result(checkpoint=str(unit.path), status="failed", layout=unit.layout, error=str(error))
-        result = _convert_unit(unit, bases=bases, namings=namings, options=options, since=since, pace=pace,
-                               final=local, shown=url)
-        if result.status != "ok":
-            return result
-        started = time.perf_counter()
+        uploads = Uploads(bucket) if Uploads.usable(bucket) else None
         try:
-            sent = bucket.upload(local)
-        except ConversionError as e:
-            log.error("%s: %s; nothing of it is left as a model in the bucket", unit.path, e)
-            result.status, result.error = "failed", str(e)
-            return result
-        log.info("%s: uploaded %s in %.1fs", url, _size(sent), time.perf_counter() - started)
+            result = _convert_unit(unit, bases=bases, namings=namings, options=options, since=since, pace=pace,
+                                   final=local, shown=url, destination=uploads)
+            if result.status != "ok":
+                if uploads is not None:
+                    uploads.remove_sent()
+                return result
+            started = time.perf_counter()
+            try:
+                sent = bucket.upload(local, sent_already=uploads.sent if uploads else None)
+            except ConversionError as e:
+                log.error("%s: %s; nothing of it is left as a model in the bucket", unit.path, e)
+                result.status, result.error = "failed", str(e)
+                return result
+        finally:
+            if uploads is not None:
+                uploads.close()
+        early = sum(uploads.sent.values()) if uploads else 0
+        log.info("%s: uploaded %s (%s of it while being written), the rest in %.1fs", url, _size(sent), _size(early),
+                 time.perf_counter() - started)
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -192,7 +202,7 @@ def _size(n: int) -> str:
 
 
 def _convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: ConvertConfig, since: float,
-                  pace: Pace | None, final: Path, shown: str | None = None) -> Result:
+                  pace: Pace | None, final: Path, shown: str | None = None, destination: Uploads | None = None) -> Result:
     """Convert ``unit`` into the folder ``final``; ``shown`` is where the user sees it go (a bucket URL, when
     ``final`` is its staging folder), in the log, the summary and every error."""
     pace = pace or Pace(1)
@@ -210,7 +220,7 @@ def _convert_unit(unit: Unit, *, bases: _Bases, namings: list[Naming], options: 
         reader = open_reader(unit.model, unit.layout, allowed_globals=options.allowed_globals)
         metadata = training_progress(unit, reader.info.metadata)
         outcome = _convert(reader, unit, base=base, base_origin=origin, namings=namings, final=final,
-                           options=options, metadata=metadata, since=since)
+                           options=options, metadata=metadata, since=since, destination=destination)
     except Exception as e:
         error = str(unit_error(e, unit=unit, final=final)).replace(str(final), where)
         pace.end(started)
@@ -310,7 +320,8 @@ def _cast(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
 
 
 def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, namings: list[Naming], final: Path,
-             options: ConvertConfig, metadata: dict[str, Any], since: float) -> _Outcome:
+             options: ConvertConfig, metadata: dict[str, Any], since: float, destination: Uploads | None = None
+             ) -> _Outcome:
     source = str(unit.path.resolve())
 
     def may_replace(folder: Path) -> dict[str, Any]:
@@ -324,7 +335,7 @@ def _convert(reader: Reader, unit: Unit, *, base: BaseModel, base_origin: str, n
         warnings = _adapter_warnings(reader, unit, adapter, metadata=metadata) if adapter else []
         context = _Context(unit=unit, base=base, base_origin=base_origin, final=final, options=options,
                            metadata=metadata, fingerprint=prepared.fingerprint, may_replace=may_replace,
-                           warnings=warnings)
+                           warnings=warnings, destination=destination)
         if adapter is not None and options.final_format is FinalFormat.peft:
             return _write_adapter(prepared, base.architecture, context)
         return _write_model(prepared, context)
@@ -345,6 +356,8 @@ class _Context:
     fingerprint: dict[str, Any]
     may_replace: Any
     warnings: list[str]
+    # Where weight files go while they are written (a bucket's uploads), beside the staging folder.
+    destination: Uploads | None = None
 
 
 def _write_model(prepared: Prepared, ctx: _Context) -> _Outcome:
@@ -357,7 +370,7 @@ def _write_model(prepared: Prepared, ctx: _Context) -> _Outcome:
         tied = side.submit(_check_tied, reader, plan)
         fetch = streamed(fetcher(reader, plan, arch), path=reader.path, dtype=dtype, nonfinite=options.nonfinite)
         write_model_weights(folder, plan.outputs, fetch, max_shard_size=options.max_shard_size, label=ctx.final.name,
-                            workers=options.write_workers)
+                            workers=options.write_workers, destination=ctx.destination)
         tied.result()
         written_dtype = str(_main_dtype(plan.outputs)).removeprefix("torch.")
         config = prepared.config

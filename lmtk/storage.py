@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ class BucketFolder:
         self.fs, self.path = filesystem(url, storage_options=storage_options)
         self.url = url.rstrip("/")
         self.path = self.path.rstrip("/")
+        self._retired = False
 
     def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -124,17 +126,30 @@ class BucketFolder:
         if hasattr(modified, "timestamp"):
             os.utime(local / MARKER, (modified.timestamp(), modified.timestamp()))
 
-    def upload(self, local: Path) -> int:
-        """Replace the folder's contents with ``local``'s: its marker goes first, the new one last. Bytes sent."""
+    def retire_marker(self) -> None:
+        """Remove the folder's ``conversion.json`` (once): from then until the new one lands it is not a model."""
+        if not self._retired:
+            self._retired = True
+            if self.fs.exists(f"{self.path}/{MARKER}"):
+                self._call(f"remove the old {MARKER}", self.fs.rm_file, f"{self.path}/{MARKER}")
+
+    def upload(self, local: Path, *, sent_already: Mapping[str, int] | None = None) -> int:
+        """Replace the folder's contents with ``local``'s: its marker goes first, the new one last. Bytes sent.
+
+        ``sent_already``: files (name -> size) uploaded while they were written (``Uploads``)."""
         names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
         before = self.files()
-        if MARKER in before:  # from here until the new marker lands, the folder is not a model
-            self._call(f"remove the old {MARKER}", self.fs.rm_file, f"{self.path}/{MARKER}")
-        sent = 0
+        if MARKER in before:
+            self.retire_marker()
+        done = dict(sent_already or {})
+        sent = sum(done.values())
         try:
             for name in [n for n in names if n != MARKER] + [MARKER]:
+                size = (local / name).stat().st_size
+                if done.get(name) == size:
+                    continue
                 self._call(f"upload {name}", self.fs.put_file, str(local / name), f"{self.path}/{name}")
-                sent += (local / name).stat().st_size
+                sent += size
         except BaseException:
             self._remove(self._quiet_files() or names)
             raise
@@ -155,3 +170,113 @@ class BucketFolder:
         except Exception as e:  # the server may be the reason the upload failed: say what is left
             log.error("%s: could not remove what a failed upload left (%s); the next run removes it", self.url,
                       reason_of(e))
+
+
+class Uploads:
+    """Weight files sent to a bucket folder while they are written: each one a multipart upload whose parts go
+    as soon as the writer has written them (read back from the page cache), so writing and sending overlap.
+
+    At most ``IN_FLIGHT`` parts of ``PART`` bytes are on their way at once; a writer that gets ahead waits. A
+    file becomes an object only when it is finished (completed after its fsync); the folder's old
+    ``conversion.json`` is removed before the first one is. S3 only (gcsfs has no part API): other buckets
+    upload after the conversion, as ``BucketFolder.upload`` does.
+    """
+
+    PART, IN_FLIGHT = 64 << 20, 4
+
+    def __init__(self, folder: BucketFolder) -> None:
+        self.folder = folder
+        self.sent: dict[str, int] = {}  # file name -> size, finished in the bucket
+        self._pool = ThreadPoolExecutor(self.IN_FLIGHT, thread_name_prefix="lmtk-put")
+
+    @staticmethod
+    def usable(folder: BucketFolder) -> bool:
+        return hasattr(folder.fs, "call_s3")
+
+    def file(self, path: Path) -> _PartUpload:
+        return _PartUpload(self, path)
+
+    def remove_sent(self) -> None:
+        """What was sent for a conversion that then failed: nothing of it stays."""
+        if self.sent:
+            self.folder._remove(sorted(self.sent))
+            self.sent.clear()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _PartUpload:
+    def __init__(self, uploads: Uploads, path: Path) -> None:
+        self._uploads, self._path, self._name = uploads, path, path.name
+        folder = uploads.folder
+        self._bucket, self._key, _ = folder.fs.split_path(f"{folder.path}/{self._name}")
+        self._fd: int | None = None
+        self._id: str | None = None
+        self._queued = 0  # bytes handed to parts so far
+        self._parts: list[Future[dict[str, Any]]] = []
+
+    def _s3(self, what: str, method: str, **kwargs: Any) -> Any:
+        return self._uploads.folder._call(what, self._uploads.folder.fs.call_s3, method, Bucket=self._bucket,
+                                          Key=self._key, **kwargs)
+
+    def advance(self, written: int) -> None:
+        """The writer has written ``written`` bytes of the file in all: send every whole part among them."""
+        while written - self._queued >= Uploads.PART:
+            self._send(self._queued, Uploads.PART)
+
+    def _send(self, start: int, length: int) -> None:
+        if self._id is None:
+            self._fd = os.open(self._path, os.O_RDONLY)
+            self._id = self._s3(f"upload {self._name}", "create_multipart_upload")["UploadId"]
+        while len([p for p in self._parts if not p.done()]) >= Uploads.IN_FLIGHT:
+            next(p for p in self._parts if not p.done()).exception()
+        for failed in (p for p in self._parts if p.done() and p.exception() is not None):
+            raise failed.exception()  # type: ignore[misc]
+        number = len(self._parts) + 1
+        self._parts.append(self._uploads._pool.submit(self._part, number, start, length))
+        self._queued = start + length
+
+    def _part(self, number: int, start: int, length: int) -> dict[str, Any]:
+        assert self._fd is not None
+        data = os.pread(self._fd, length, start)
+        if len(data) != length:
+            raise ConversionError(self._path, f"read {len(data)} of {length} bytes back while uploading it")
+        reply = self._s3(f"upload {self._name}", "upload_part", UploadId=self._id, PartNumber=number, Body=data)
+        return {"PartNumber": number, "ETag": reply["ETag"]}
+
+    def finish(self, size: int) -> None:
+        """The file is complete and fsynced: send the rest, then make it the object."""
+        try:
+            if self._id is None:  # smaller than a part: one PUT
+                self._uploads.folder.retire_marker()
+                self._uploads.folder._call(f"upload {self._name}", self._uploads.folder.fs.put_file, str(self._path),
+                                           f"{self._uploads.folder.path}/{self._name}")
+            else:
+                if size > self._queued:
+                    self._send(self._queued, size - self._queued)
+                parts = [p.result() for p in self._parts]
+                self._uploads.folder.retire_marker()
+                self._s3(f"upload {self._name}", "complete_multipart_upload", UploadId=self._id,
+                         MultipartUpload={"Parts": parts})
+                self._id = None
+            self._uploads.sent[self._name] = size
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Give up the upload (a failed write): its parts are dropped by the store, nothing becomes an object."""
+        for part in self._parts:
+            part.cancel()
+        for part in self._parts:
+            if not part.cancelled():
+                part.exception()
+        if self._id is not None:
+            try:
+                self._s3(f"abort the upload of {self._name}", "abort_multipart_upload", UploadId=self._id)
+            except ConversionError as e:
+                log.warning("%s", e)
+            self._id = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

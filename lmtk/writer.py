@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 
@@ -58,6 +58,20 @@ def plan_shards(specs: dict[str, TensorSpec], *, max_shard_size: str | int) -> d
 Fetch = Callable[[str], Iterable[torch.Tensor]]
 
 
+class Sending(Protocol):
+    """One file on its way to where the folder goes, as it is written (``lmtk.storage.Uploads``)."""
+
+    def advance(self, written: int) -> None: ...
+
+    def finish(self, size: int) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Destination(Protocol):
+    def file(self, path: Path) -> Sending: ...
+
+
 def write_model_weights(
     folder: Path,
     specs: dict[str, TensorSpec],
@@ -66,10 +80,12 @@ def write_model_weights(
     max_shard_size: str | int,
     label: str,
     workers: int = 1,
+    destination: Destination | None = None,
 ) -> list[str]:
     """Write every tensor in ``specs`` (fetched on demand) as shards plus an index when sharded.
 
-    ``workers`` shard files are written at once (threads: copying, casting and fsync release the GIL).
+    ``workers`` shard files are written at once (threads: copying, casting and fsync release the GIL);
+    ``destination`` gets each one while it is written.
     """
     shards = plan_shards(specs, max_shard_size=max_shard_size)
     from tqdm.auto import tqdm
@@ -79,7 +95,8 @@ def write_model_weights(
                disable=not (sys.stderr.isatty() and log.isEnabledFor(logging.INFO)))
 
     def write(filename: str) -> None:
-        write_safetensors(folder / filename, {n: specs[n] for n in shards[filename]}, fetch, on_tensor=bar.update)
+        write_safetensors(folder / filename, {n: specs[n] for n in shards[filename]}, fetch, on_tensor=bar.update,
+                          destination=destination)
 
     with bar:
         if workers > 1 and len(shards) > 1:
@@ -104,6 +121,7 @@ def write_safetensors(
     fetch: Fetch,
     *,
     on_tensor: Callable[[int], object] = lambda n: None,
+    destination: Destination | None = None,
 ) -> None:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -113,18 +131,26 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data start to 8 bytes
     with open(path, "wb", buffering=0) as f, _FileRanges() as ranges:
-        flush = _Writeback(f.fileno())
-        _write_all(f, struct.pack("<Q", len(blob)) + blob, flush.advance)
-        for name, spec in specs.items():
-            written = 0
-            for piece in fetch(name):
-                if piece.dtype != spec.dtype:
-                    raise ValueError(f"{name}: got {piece.dtype}, planned {spec.dtype}")
-                written += ranges.copy(piece, f, flush.advance) or _write_all(f, _bytes_of(piece), flush.advance)
-            if written != spec.nbytes:
-                raise ValueError(f"{name}: got {written} bytes, planned {spec.nbytes} for {list(spec.shape)}")
-            on_tensor(spec.nbytes)
-        os.fsync(f.fileno())
+        sending = destination.file(path) if destination is not None else None
+        flush = _Writeback(f.fileno(), sending)
+        try:
+            _write_all(f, struct.pack("<Q", len(blob)) + blob, flush.advance)
+            for name, spec in specs.items():
+                written = 0
+                for piece in fetch(name):
+                    if piece.dtype != spec.dtype:
+                        raise ValueError(f"{name}: got {piece.dtype}, planned {spec.dtype}")
+                    written += ranges.copy(piece, f, flush.advance) or _write_all(f, _bytes_of(piece), flush.advance)
+                if written != spec.nbytes:
+                    raise ValueError(f"{name}: got {written} bytes, planned {spec.nbytes} for {list(spec.shape)}")
+                on_tensor(spec.nbytes)
+            os.fsync(f.fileno())
+            if sending is not None:
+                sending.finish(flush.written)
+        except BaseException:
+            if sending is not None:
+                sending.abort()
+            raise
 
 
 # Bytes per write or copy call: small enough for the writeback to follow closely.
@@ -160,12 +186,19 @@ class _Writeback:
     WINDOW, DEPTH = 64 << 20, 8
     _WRITE, _WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, sending: Sending | None = None) -> None:
         self._fd, self._written, self._handed = fd, 0, 0
         self._in_flight: list[int] = []
+        self._sending = sending
+
+    @property
+    def written(self) -> int:
+        return self._written
 
     def advance(self, nbytes: int) -> None:
         self._written += nbytes
+        if self._sending is not None:
+            self._sending.advance(self._written)
         while _sync_file_range is not None and self._written - self._handed >= self.WINDOW:
             start, self._handed = self._handed, self._handed + self.WINDOW
             _sync_file_range(self._fd, start, self.WINDOW, self._WRITE)

@@ -8,6 +8,7 @@ models) are refused in one line, nothing written anywhere.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from helpers import FIXTURES, REPO, assert_logits, base_of, reference_of, run_lmtk, summary_of
 from lmtk.output import MARKER
@@ -242,3 +244,54 @@ def test_storage_options_the_filesystem_refuses_are_one_line(models: S3Server, t
     _one_error_line(result.stdout + result.stderr, f"{url}/step-2", "no_such_option")
     assert list((tmp_path / "stage").iterdir()) == []
     assert models.filesystem().find(f"{OUT_BUCKET}/badopts") == []
+
+
+def test_a_large_shard_is_sent_while_it_is_written_and_lands_whole(big: tuple[Path, Path], models: S3Server,
+                                                                  tmp_path: Path) -> None:
+    """One ~300 MB shard: a multipart upload whose 64 MiB parts go while the writer writes; the object is the file."""
+    base, ckpt = big
+    url = f"s3://{OUT_BUCKET}/streamed"
+    result = run_lmtk(f"convert.checkpoint_path={ckpt}", f"convert.base_model={base}", f"convert.output_dir={url}",
+                      f"hydra.run.dir={tmp_path / 'rd'}", cwd=tmp_path, env=models.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "rd" / "lmtk.log").read_text()
+    line = next(l for l in log.splitlines() if "uploaded" in l)
+    sent, early = (float(x) for x in re.findall(r"([\d.]+) (?:GB|MB)", line)[:2])
+    assert early > 0.9 * sent, line  # the weights went while being written, not after
+    fs = models.filesystem()
+    local = tmp_path / "got"
+    fs.get(f"{OUT_BUCKET}/streamed/big/", str(local), recursive=True)
+    from safetensors import safe_open
+
+    with safe_open(local / "model.safetensors", "pt") as f:
+        assert all(torch.equal(f.get_tensor(n), torch.full(f.get_slice(n).get_shape(), 0.5)) for n in f.keys())
+
+
+def test_the_server_stopping_while_a_shard_is_sent_leaves_no_object(big: tuple[Path, Path], tmp_path: Path) -> None:
+    base, ckpt = big
+    server = start_s3_server(tmp_path / "s3")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    try:
+        server.filesystem().mkdir("lmtk-down")
+        args = [f"convert.checkpoint_path={ckpt}", f"convert.base_model={base}", "convert.output_dir=s3://lmtk-down/out",
+                f"convert.staging_dir={stage}"]
+        proc = subprocess.Popen([sys.executable, "-m", "lmtk", *args, f"hydra.run.dir={tmp_path / 'rd'}"],
+                                cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", **server.env},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        while not any(p.stat().st_size > 140 << 20 for p in stage.glob("*/*/*.safetensors")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.01)
+        server.stop()
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 1, output[-3000:]
+        _one_error_line(output, "s3://lmtk-down/out/big", "cannot upload model.safetensors")
+        assert list(stage.iterdir()) == []
+        server = start_s3_server(tmp_path / "s3")
+        assert server.filesystem().find("lmtk-down/out") == []  # parts never completed are no object
+        again = run_lmtk(*args, f"hydra.run.dir={tmp_path / 'rd2'}", cwd=tmp_path, env=server.env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert {Path(k).name for k in server.filesystem().find("lmtk-down/out/big")} >= {MARKER, "model.safetensors"}
+    finally:
+        server.stop()
