@@ -75,10 +75,12 @@ def main() -> None:
         bench = Bench(args.work / "bucket", args.repeats, ["warm"], resume=False)
         bench.env.update(server.env)
         fs = server.filesystem()
-        fs.mkdir(BUCKET)
+        if not fs.exists(BUCKET):
+            fs.mkdir(BUCKET)
         remote = {route: f"{BUCKET}/run/{paths[route].name}" for route in routes}
         for route in routes:
-            fs.put(str(paths[route]), remote[route], recursive=paths[route].is_dir())
+            if not fs.exists(remote[route]):
+                fs.put(str(paths[route]), remote[route], recursive=paths[route].is_dir())
         fs.put(str(REPO / "examples/checkpoints/bare.pth"), f"{BUCKET}/tiny/bare.pth")
         objects = {route: sorted(fs.find(remote[route])) for route in routes}
         # The model folder lmtk writes from the .pth: what s3fs put sends.

@@ -31,6 +31,7 @@ from lmtk.namings import Naming, choose, load_namings
 from lmtk.plan import Plan, fetcher
 from lmtk.progress import training_progress
 from lmtk.readers import Reader, TensorSpec, open_reader
+from lmtk.readers.base import same_bytes
 from lmtk.storage import BucketFolder, Uploads, require_local, require_local_or_bucket, scheme_of
 from lmtk.stream import equal, streamed
 from lmtk.summary import Result, log_summary, write_summary
@@ -528,7 +529,8 @@ def _verify(folder: Path, reader: Reader, plan: Plan, arch: Architecture, naming
 
 def _check_tied(reader: Reader, plan: Plan) -> None:
     for copy_name, source_name in plan.tied_checks:
-        if not equal(list(reader.read_pieces(copy_name)), list(reader.read_pieces(source_name))):
+        if not same_bytes(reader, copy_name, source_name) and \
+                not equal(reader.read_pieces(copy_name), reader.read_pieces(source_name)):
             raise ConversionError(
                 reader.path,
                 f"{copy_name} differs from {source_name}, but the config ties them (tie_word_embeddings); "

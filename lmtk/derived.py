@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from lmtk.errors import ConversionError
-from lmtk.readers.base import Reader, SourceInfo, TensorSpec
+from lmtk.readers.base import Reader, SourceInfo, TensorSpec, same_bytes
 
 CHECKPOINT, BASE = "checkpoint", "base"
 
@@ -217,6 +217,13 @@ class DerivedReader:
         if isinstance(entry.transform, LoraMerge):
             return ahead(entry.transform.blocks([self._readers[s.reader].read(s.key) for s in entry.sources]))
         return [self.read(name)]
+
+    def same_bytes(self, a: str, b: str) -> bool:
+        x, y = self._tensors[a], self._tensors[b]
+        if x.transform is not None or y.transform is not None or len(x.sources) != 1 or len(y.sources) != 1:
+            return False
+        [s], [t] = x.sources, y.sources
+        return s.reader == t.reader and (s.key == t.key or same_bytes(self._readers[s.reader], s.key, t.key))
 
     def close(self) -> None:
         self._recent = {}

@@ -11,6 +11,7 @@ files, DCP's ``.metadata``) are read into memory at once.
 
 from __future__ import annotations
 
+import bisect
 import io
 import logging
 import os
@@ -273,6 +274,102 @@ def fetch(path: BucketPath, start: int, end: int | None) -> bytes:
     return bucket._call(str(path), "read it", bucket.fs.cat_file, path.key, start=start, end=end)
 
 
+def fetch_many(ranges: list[tuple[BucketPath, int, int]]) -> list[bytes]:
+    """Many small ranges ``(path, start, end)`` of one bucket, fetched concurrently (fsspec's ``cat_ranges``)."""
+    if not ranges:
+        return []
+    bucket = ranges[0][0]._bucket
+    return bucket._call(str(ranges[0][0].parent), "read it", bucket.fs.cat_ranges, [p.key for p, _, _ in ranges],
+                        [s for _, s, _ in ranges], [e for _, _, e in ranges])
+
+
+class Sparse(io.RawIOBase):
+    """A byte range of an object as a seekable file, from windows already fetched (offset in the range -> bytes);
+    a read outside them is a GET of its own."""
+
+    def __init__(self, path: BucketPath, start: int, length: int, windows: dict[int, bytes]) -> None:
+        self._path, self._start, self._length, self._pos = path, start, length, 0
+        self._windows = windows
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + pos, 0), self._length)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._length - self._pos)
+        if n <= 0:
+            return 0
+        for at, data in self._windows.items():
+            if at <= self._pos and self._pos + n <= at + len(data):
+                view[:n] = data[self._pos - at : self._pos - at + n]
+                break
+        else:
+            view[:n] = fetch(self._path, self._start + self._pos, self._start + self._pos + n)
+        self._pos += n
+        return n
+
+
+# Small ranges fetched ahead, many at once (a model's biases and norms: hundreds of GETs of a few KB each
+# otherwise, one round trip apiece): URL -> [(start, bytes)], each taken by the first read inside it.
+SMALL, PRELOAD_LIMIT = 1 << 20, 64 << 20
+_preloaded: dict[str, dict[int, bytes]] = {}  # URL -> start -> bytes
+_starts: dict[str, list[int]] = {}  # URL -> the starts, sorted
+
+
+def preload(ranges: list[tuple[BucketPath, int, int]]) -> None:
+    """Fetch the small ones of ``ranges`` now, concurrently, up to ``PRELOAD_LIMIT`` bytes in all."""
+    chosen, total = [], sum(len(d) for entries in _preloaded.values() for d in entries.values())
+    for path, start, end in ranges:
+        if 0 < end - start <= SMALL and total + end - start <= PRELOAD_LIMIT:
+            chosen.append((path, start, end))
+            total += end - start
+    for (path, start, _), data in zip(chosen, fetch_many(chosen)):
+        keep(path, start, data)
+
+
+def keep(path: BucketPath, start: int, data: bytes) -> None:
+    """Bytes already fetched, for the first read inside them."""
+    with _lock:
+        entries = _preloaded.setdefault(str(path), {})
+        if start not in entries:
+            bisect.insort(_starts.setdefault(str(path), []), start)
+        entries[start] = data
+
+
+def forget(paths: list[Any]) -> None:
+    """Drop what was preloaded for ``paths`` (a reader closing)."""
+    with _lock:
+        for path in paths:
+            _preloaded.pop(str(path), None)
+            _starts.pop(str(path), None)
+            _windows.pop(str(path), None)
+
+
+def _take(path: BucketPath, start: int, nbytes: int) -> bytes | memoryview | None:
+    """The range from what was fetched ahead (taken: the first read inside it uses it up), or None."""
+    with _lock:
+        entries, starts = _preloaded.get(str(path)), _starts.get(str(path))
+        if not entries or not starts:
+            return None
+        i = bisect.bisect_right(starts, start)
+        at = starts[i - 1] if i else None
+        if at is None or start + nbytes > at + len(entries[at]):
+            return None
+        del starts[i - 1]
+        return memoryview(entries.pop(at))[start - at : start - at + nbytes]
+
+
 def _executor() -> ThreadPoolExecutor:
     global _pool
     with _lock:
@@ -283,21 +380,81 @@ def _executor() -> ThreadPoolExecutor:
 
 def stream(path: BucketPath, start: int, nbytes: int, *, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """The range as 1-D tensors of ``dtype``, part by part, the next parts already on their way."""
-    if nbytes == 0:
-        return
+    return stream_many([(path, start, nbytes)], dtype=dtype)
+
+
+def stream_many(ranges: list[tuple[BucketPath, int, int]], *, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Ranges ``(path, start, nbytes)`` one after the other as 1-D tensors of ``dtype``, part by part, the next
+    parts (of the next ranges too: a tensor's shards) already on their way.
+
+    A range's last part, when short, is read on to a whole ``PART``: a checkpoint's tensors mostly lie one after
+    another in the order they are read, so the next range usually starts inside what was read ahead (one window
+    per object, kept until a read misses it). Hundreds of small GETs become a few large ones."""
+    parts: deque[tuple[BucketPath, int, int, int] | memoryview] = deque()
+    for path, start, nbytes in ranges:
+        end = start + nbytes
+        if nbytes and (data := _take(path, start, nbytes)) is not None:
+            parts.append(data)
+            continue
+        if nbytes and (early := _from_window(path, start, end, itemsize=dtype.itemsize)) is not None:
+            parts.append(early)
+            start += len(early)
+        for at in range(start, end, PART):
+            stop = min(at + PART, end)
+            parts.append((path, at, stop, _read_on(path, at, stop)))
     pool, ahead = _executor(), _settings.concurrency
-    parts = deque(range(start, start + nbytes, PART))
-    pending: deque[Future[bytes]] = deque()
+    pending: deque[Future[bytes] | memoryview] = deque()
     try:
         while parts or pending:
             while parts and len(pending) < ahead:
-                at = parts.popleft()
-                pending.append(pool.submit(fetch, path, at, min(at + PART, start + nbytes)))
-            data = pending.popleft().result()
-            yield torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                part = parts.popleft()
+                pending.append(pool.submit(_fetch_part, *part) if isinstance(part, tuple) else part)
+            done = pending.popleft()
+            data = done.result() if isinstance(done, Future) else done
+            yield torch.frombuffer(data, dtype=dtype) if len(data) else torch.empty(0, dtype=dtype)
     finally:
         for future in pending:
-            future.cancel()
+            if isinstance(future, Future):
+                future.cancel()
+
+
+_windows: dict[str, tuple[int, bytes]] = {}  # URL -> the bytes read ahead past the last range, and where they start
+
+
+def _read_on(path: BucketPath, start: int, stop: int) -> int:
+    """Where a part's GET ends: a short part reads on to a whole PART (within the object)."""
+    if stop - start >= PART:
+        return stop
+    return max(stop, min(start + PART, path.stat().st_size))
+
+
+def _fetch_part(path: BucketPath, start: int, stop: int, read_to: int) -> memoryview:
+    data = memoryview(fetch(path, start, read_to))
+    if read_to > stop:
+        with _lock:
+            _windows[str(path)] = (stop, data[stop - start :])
+    return data[: stop - start]
+
+
+def _from_window(path: BucketPath, start: int, end: int, *, itemsize: int) -> memoryview | None:
+    """The head of ``[start, end)`` from the object's read-ahead window, when the range starts inside it (whole
+    elements of ``itemsize`` bytes only)."""
+    with _lock:
+        window = _windows.get(str(path))
+        if window is None:
+            return None
+        at, data = window
+        if not at <= start < at + len(data):
+            del _windows[str(path)]  # read out of order: the window is of no more use
+            return None
+        taken = data[start - at : start - at + (min(end, at + len(data)) - start) // itemsize * itemsize]
+        if not len(taken):
+            return None
+        if start + len(taken) >= at + len(data):
+            del _windows[str(path)]
+        else:
+            _windows[str(path)] = (start + len(taken), data[start - at + len(taken) :])
+        return taken
 
 
 def tensor(path: BucketPath, start: int, nbytes: int) -> torch.Tensor:
@@ -308,6 +465,16 @@ def tensor(path: BucketPath, start: int, nbytes: int) -> torch.Tensor:
         out[done : done + block.numel()] = block
         done += block.numel()
     return out
+
+
+def extent(meta: torch.Tensor) -> tuple[int, int] | None:
+    """The byte range ``[start, end)`` of the file a loaded (meta) tensor's elements span, when known."""
+    start = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+    if start is None or meta.numel() == 0:
+        return None
+    first = meta.storage_offset()
+    last = first + sum((n - 1) * s for n, s in zip(meta.shape, meta.stride()))
+    return start + first * meta.element_size(), start + (last + 1) * meta.element_size()
 
 
 def materialize(path: BucketPath, meta: torch.Tensor) -> torch.Tensor:

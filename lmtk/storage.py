@@ -182,7 +182,7 @@ class Uploads:
     upload after the conversion, as ``BucketFolder.upload`` does.
     """
 
-    PART, IN_FLIGHT = 64 << 20, 4
+    PART, IN_FLIGHT = 32 << 20, 4
 
     def __init__(self, folder: BucketFolder) -> None:
         self.folder = folder

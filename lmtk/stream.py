@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -81,29 +82,40 @@ def _all_finite(bits: np.ndarray, dtype: torch.dtype, mask: int) -> bool:
     return bits.size == 0 or int(np.max(bits.view(np.uint16) & 0x7FFF)) < mask
 
 
-def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Byte equality of two tensors given as pieces, walking both without joining them."""
-    if {t.dtype for t in a} != {t.dtype for t in b}:
+def equal(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> bool:
+    """Byte equality of two tensors given as pieces, walking both without joining them (pieces fetched from a
+    bucket arrive as the walk needs them)."""
+    a, b = iter(a), iter(b)
+    x, y = next(a, None), next(b, None)
+    if x is None or y is None:
+        return x is None and y is None
+    if x.dtype != y.dtype:
         return False
-    if len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
-                                for x, y in zip(a, b)):
-        return True  # the same memory (tied weights saved once): nothing to compare
-    left = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in a] or [np.empty(0, np.uint8)]
-    right = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in b] or [np.empty(0, np.uint8)]
-    if sum(map(len, left)) != sum(map(len, right)):
-        return False
-    i = j = 0
-    x, y = left[0], right[0]
-    while True:
-        while not len(x) and i + 1 < len(left):
-            i += 1
-            x = left[i]
-        while not len(y) and j + 1 < len(right):
-            j += 1
-            y = right[j]
-        n = min(len(x), len(y), 4 * BLOCK)
-        if n == 0:
+    if _same_memory(x, y):  # tied weights saved once: the same memory, piece for piece, nothing to compare
+        rest_a, rest_b = list(a), list(b)
+        if len(rest_a) == len(rest_b) and all(_same_memory(p, q) for p, q in zip(rest_a, rest_b)):
             return True
-        if not np.array_equal(x[:n], y[:n]):
+        a, b = iter(rest_a), iter(rest_b)
+    left = _byte_blocks(itertools.chain([x], a))
+    right = _byte_blocks(itertools.chain([y], b))
+    u, v = next(left, None), next(right, None)
+    while True:
+        while u is not None and not len(u):
+            u = next(left, None)
+        while v is not None and not len(v):
+            v = next(right, None)
+        if u is None or v is None:
+            return u is None and v is None
+        n = min(len(u), len(v), 4 * BLOCK)
+        if not np.array_equal(u[:n], v[:n]):
             return False
-        x, y = x[n:], y[n:]
+        u, v = u[n:], v[n:]
+
+
+def _same_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+
+
+def _byte_blocks(pieces: Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
+    for piece in pieces:
+        yield piece.contiguous().reshape(-1).view(torch.uint8).numpy()

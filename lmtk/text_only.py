@@ -11,6 +11,7 @@ rest (vision tower, projector) is dropped and listed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from lmtk.architecture import HUB, Architecture, build_architecture
 from lmtk.errors import ConversionError
 from lmtk.plan import Plan, make_plan
-from lmtk.readers.base import Reader, SourceInfo, TensorSpec
+from lmtk.readers.base import Reader, SourceInfo, TensorSpec, same_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,11 @@ class TextOnly:
     def read(self, name: str) -> torch.Tensor:
         return self._reader.read(self.original[name])
 
-    def read_pieces(self, name: str) -> list[torch.Tensor]:
+    def read_pieces(self, name: str) -> Iterable[torch.Tensor]:
         return self._reader.read_pieces(self.original[name])
+
+    def same_bytes(self, a: str, b: str) -> bool:
+        return same_bytes(self._reader, self.original[a], self.original[b])
 
     def close(self) -> None:
         self._reader.close()

@@ -248,7 +248,7 @@ def test_storage_options_the_filesystem_refuses_are_one_line(models: S3Server, t
 
 def test_a_large_shard_is_sent_while_it_is_written_and_lands_whole(big: tuple[Path, Path], models: S3Server,
                                                                   tmp_path: Path) -> None:
-    """One ~300 MB shard: a multipart upload whose 64 MiB parts go while the writer writes; the object is the file."""
+    """One ~300 MB shard: a multipart upload whose 32 MiB parts go while the writer writes; the object is the file."""
     base, ckpt = big
     url = f"s3://{OUT_BUCKET}/streamed"
     result = run_lmtk(f"convert.checkpoint_path={ckpt}", f"convert.base_model={base}", f"convert.output_dir={url}",

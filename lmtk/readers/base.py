@@ -55,3 +55,10 @@ class Reader(Protocol):
     def read_pieces(self, name: str) -> Iterable[torch.Tensor]: ...
 
     def close(self) -> None: ...
+
+
+def same_bytes(reader: object, a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are known to be the very same bytes of the checkpoint without reading them (tied
+    weights saved once), for readers that can tell (an optional ``same_bytes`` method); else False."""
+    method = getattr(reader, "same_bytes", None)
+    return bool(method(a, b)) if method is not None else False

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -136,25 +137,43 @@ class DcpReader:
                 return [self.read(name)]
             places.append(place)
             rows += shape[0]
-        return itertools.chain.from_iterable(
-            remote.stream(self.path / info.relative_path, start, nbytes, dtype=dtype)
-            for (info, start, nbytes, _, _, dtype) in places) if places else iter(())
+        return remote.stream_many([(self.path / info.relative_path, start, nbytes) for info, start, nbytes, *_ in places],
+                                  dtype=places[0][5]) if places else iter(())
 
     def _remote_place(self, info: Any, fqn: str) -> tuple[Any, int, int, tuple[int, ...], tuple[int, ...], torch.dtype] | None:
         """Where a chunk's tensor lies in its .distcp object (read off the chunk's zip directory), or None."""
         known = (info.relative_path, info.offset)
         if known not in self._places:
-            self._places[known] = self._read_place(info, fqn)
+            # The ends of this chunk's archive and of the next ones (its pickle leads, its zip directory trails),
+            # fetched at once: a checkpoint has thousands of chunks, each one GET would add up.
+            order = [(f, i) for f in self._tensors for _, i in self._storage[f]]
+            at = next(n for n, (_, i) in enumerate(order) if (i.relative_path, i.offset) == known)
+            batch = [(f, i) for f, i in order[at:] if (i.relative_path, i.offset) not in self._places][:_BATCH]
+            # A small chunk comes whole (its tensor is then read from memory), a large one by its head.
+            spans = [[(0, i.length)] if i.length <= remote.SMALL else [(0, _ENDS)] for _, i in batch]
+            data = iter(remote.fetch_many([(self.path / i.relative_path, i.offset + a, i.offset + b)
+                                           for (_, i), chunk in zip(batch, spans) for a, b in chunk]))
+            for (f, i), chunk in zip(batch, spans):
+                windows = {a: next(data) for a, _ in chunk}
+                if len(chunk) == 1:
+                    remote.keep(self.path / i.relative_path, i.offset, windows[0])
+                self._places[(i.relative_path, i.offset)] = self._read_place(i, f, windows)
         return self._places[known]
 
-    def _read_place(self, info: Any, fqn: str) -> tuple[Any, int, int, tuple[int, ...], tuple[int, ...], torch.dtype] | None:
+    def _read_place(self, info: Any, fqn: str, windows: dict[int, bytes]
+                    ) -> tuple[Any, int, int, tuple[int, ...], tuple[int, ...], torch.dtype] | None:
         file = self.path / info.relative_path
         try:
-            with file.open("rb", buffering=_DIRECTORY_READ) as f:
-                archive = torch._C.PyTorchFileReader(_FileSlice(f, info.offset, info.length, positional=False))
-                storage, offset, size, stride = _TensorPickle(io.BytesIO(archive.get_record("data.pkl"))).load()
+            if (found := _from_local_headers(windows[0])) is not None:
+                (storage, offset, size, stride), records = found
                 kind, dtype, key, _, numel = storage
-                start = info.offset + archive.get_record_offset(f"data/{key}")
+                start = info.offset + records[f"data/{key}"]
+            else:  # past the head: the zip directory at the archive's end says (fetched when read)
+                with remote.Sparse(file, info.offset, info.length, windows) as f:
+                    archive = torch._C.PyTorchFileReader(f)
+                    storage, offset, size, stride = _TensorPickle(io.BytesIO(archive.get_record("data.pkl"))).load()
+                    kind, dtype, key, _, numel = storage
+                    start = info.offset + archive.get_record_offset(f"data/{key}")
         except (pickle.UnpicklingError, TypeError, ValueError):
             return None
         except ConversionError:
@@ -208,13 +227,16 @@ class DcpReader:
         return tensor
 
     def close(self) -> None:
+        if is_remote(self.path):
+            remote.forget(self.info.files)
         for f in self._files.values():
             f.close()
         self._storage, self._mapped, self._files = {}, {}, {}
 
 
-# Bytes per GET while reading a chunk's zip directory and pickle from a bucket.
-_DIRECTORY_READ = 64 << 10
+# From a bucket: the bytes read at each end of a chunk's archive (a one-tensor pickle and zip directory fit), and
+# how many chunks have theirs fetched at once.
+_ENDS, _BATCH = 8 << 10, 256
 
 # The storage classes torch.save names a tensor's storage by.
 _STORAGE_DTYPES = {
@@ -276,6 +298,40 @@ class _Whole:
     offset: int = 0
 
 
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_SIGNATURE = b"PK\x03\x04"
+
+
+def _from_local_headers(head: bytes) -> tuple[Any, dict[str, int]] | None:
+    """A chunk archive's pickle (as ``_TensorPickle`` reads it) and where its tensor's data starts, from the zip
+    local headers at the archive's head: torch.save stores its records uncompressed, sizes in data descriptors
+    after each (so headers are found by their signature, and the pickle read to its STOP). None when the head
+    ends first or holds anything else."""
+    described, records, pos = None, {}, 0
+    while (pos := head.find(_SIGNATURE, pos)) >= 0 and pos + _LOCAL_HEADER.size <= len(head):
+        *_, method, _, _, _, _, _, name_length, extra_length = _LOCAL_HEADER.unpack_from(head, pos)
+        name = head[pos + 30 : pos + 30 + name_length].decode("utf-8", "replace").split("/", 1)[-1]
+        data = pos + 30 + name_length + extra_length
+        if method != 0 or data > len(head):
+            return None
+        records[name] = data
+        if name == "data.pkl":
+            try:
+                reader = io.BytesIO(head[data:])
+                described = _TensorPickle(reader).load()
+            except (pickle.UnpicklingError, EOFError, TypeError, ValueError):
+                return None
+            if not (isinstance(described, tuple) and len(described) == 4 and isinstance(described[0], tuple)
+                    and len(described[0]) == 5):
+                return None
+            pos = data + reader.tell()
+            continue
+        if described is not None and name == f"data/{described[0][2]}":
+            return described, records
+        pos = data
+    return None
+
+
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for n in reversed(shape):
@@ -287,9 +343,8 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
 class _FileSlice(io.RawIOBase):
     """A read-only window of an open file, so torch's zip reader sees one chunk's archive."""
 
-    def __init__(self, file: BinaryIO, start: int, length: int, *, positional: bool = True) -> None:
+    def __init__(self, file: BinaryIO, start: int, length: int) -> None:
         self._file, self._start, self._length, self._pos = file, start, length, 0
-        self._positional = positional
 
     def readable(self) -> bool:
         return True
@@ -307,11 +362,7 @@ class _FileSlice(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")[: max(self._length - self._pos, 0)]
-        if not self._positional:  # an object in a bucket, read through its own buffer
-            self._file.seek(self._start + self._pos)
-            n = self._file.readinto(view)
-        else:
-            n = os.preadv(self._file.fileno(), [view], self._start + self._pos)  # no shared file position: thread-safe
+        n = os.preadv(self._file.fileno(), [view], self._start + self._pos)  # no shared file position: thread-safe
         self._pos += n
         return n
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lmtk.errors import ConversionError
+from lmtk import remote
 from lmtk.remote import is_remote, materialize, streamed
 from lmtk.readers.base import SourceInfo, TensorSpec
 from lmtk.readers.safe import ONE_RANK, Placeholder, safe_load
@@ -59,6 +60,8 @@ class FullStateDictReader:
                 raise ConversionError(path, f"tensor {name} is {'sparse' if t.is_sparse else 'on the meta device'}")
         self._tensors = tensors
         self.info = SourceInfo(layout="full", files=[path], metadata=metadata, location=location)
+        if is_remote(path):
+            remote.preload([(path, *extent) for t in tensors.values() if (extent := remote.extent(t))])
 
     def specs(self) -> dict[str, TensorSpec]:
         return {name: TensorSpec.of(t) for name, t in self._tensors.items()}
@@ -73,5 +76,14 @@ class FullStateDictReader:
             return streamed(self.path, self._tensors[name])
         return [self._tensors[name]]
 
+    def same_bytes(self, a: str, b: str) -> bool:
+        """Tied weights saved once share one storage: from a bucket, known from the file's layout alone."""
+        x, y = self._tensors[a], self._tensors[b]
+        where = [getattr(t.untyped_storage(), "_checkpoint_offset", None) if is_remote(self.path) else
+                 t.untyped_storage().data_ptr() for t in (x, y)]
+        return where[0] is not None and where[0] == where[1] and x.storage_offset() == y.storage_offset() and \
+            x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+
     def close(self) -> None:
         self._tensors = {}
+        remote.forget(self.info.files)

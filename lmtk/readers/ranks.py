@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lmtk.errors import ConversionError, listing
+from lmtk import remote
 from lmtk.remote import is_remote, materialize
 from lmtk.layouts import RANK_FILE
 from lmtk.readers.base import SourceInfo, TensorSpec
@@ -66,6 +67,8 @@ class RankShardReader:
                 tensors, location, metadata = find_state_dict(safe_load(file, allowed_globals=allowed_globals), file)
                 if is_remote(file):
                     _fetch_meshes(file, tensors)
+                    remote.preload([(file, *e) for t in tensors.values()
+                                    if (e := remote.extent(getattr(t, "_local_tensor", t)))])
                 self._ranks.append(tensors)
         finally:
             mesh_log.setLevel(level)
@@ -126,6 +129,7 @@ class RankShardReader:
 
     def close(self) -> None:
         self._ranks = []
+        remote.forget(self.info.files)
 
 
 def _fetch_meshes(file: Any, tensors: dict[str, Any]) -> None:

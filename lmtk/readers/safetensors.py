@@ -79,6 +79,8 @@ class _File:
                 raise ConversionError(path, f"truncated safetensors file: {name} ends at byte {end}, the file at {size}")
             self.entries[name] = Entry(path, shape, dtype, begin, end)
         self._mapped: torch.UntypedStorage | None = None
+        if is_remote(path):
+            remote.preload([(path, e.start, e.end) for e in self.entries.values()])
 
     def tensor(self, entry: Entry) -> torch.Tensor:
         """The tensor's bytes in the file's private mapping: reading touches only its pages."""
@@ -127,6 +129,7 @@ class SafetensorsReader:
         return file.pieces(entry)
 
     def close(self) -> None:
+        remote.forget(list(self._files.values()) and [f.path for f in self._files.values()])
         self._files, self._entries = {}, {}
 
 
@@ -197,6 +200,7 @@ class HfShardsReader:
         return itertools.chain.from_iterable(self._files[p.entry.file].pieces(p.entry) for p in parts)
 
     def close(self) -> None:
+        remote.forget(list(self._files))
         self._files, self._slices = {}, {}
 
 
