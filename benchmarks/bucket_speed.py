@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -62,6 +61,7 @@ for name in sorted(os.listdir(folder)):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved samples")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lmtk-bench"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -69,6 +69,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     routes = args.routes.split(",")
+    if args.report_only:
+        saved = json.loads((args.work / "bucket" / "samples.json").read_text())
+        samples = {tuple(k.split(" | ")): [Sample(**x) for x in v] for k, v in saved.items()}
+        nbytes = {k[1]: int(v[0].seconds) for k, v in samples.items() if k[2] == "bytes"}
+        (args.out / "bucket_speed.md").write_text(_report(samples, nbytes, args))
+        return
     base, paths = build_gpt2("774m", args.work, tuple(routes))
     server = start_s3_server(args.work / "s3")
     try:
@@ -119,6 +125,8 @@ def main() -> None:
                     fs.rm(f"{BUCKET}/out", recursive=True) if fs.exists(f"{BUCKET}/out") else None
                 bench.run(key, command, cache="warm", inputs=inputs)
         nbytes = {route: sum(fs.info(o)["size"] for o in objects[route]) for route in routes}
+        for route in routes:
+            bench.samples[("b2l", route, "bytes")] = [Sample(float(nbytes[route]))]
         report = _report(bench.samples, nbytes, args)
         (args.out / "bucket_speed.md").write_text(report)
         (args.work / "bucket" / "samples.json").write_text(json.dumps(
@@ -138,24 +146,25 @@ def _report(samples: dict[tuple[str, ...], list[Sample]], nbytes: dict[str, int]
         f"774M GPT-2 (FSDP2 saves, float32), warm page cache, {args.repeats} interleaved runs per method (order "
         f"rotated every repeat); `convert.remote_concurrency={args.concurrency}`, 16 MiB parts. Marginal = the "
         "run less the same route's fixed cost (the tiny example checkpoint). Machine: " + machine(), "",
-        "| direction | checkpoint | method | wall, median [spread] | marginal | vs s3fs | peak anon |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| direction | checkpoint | method | wall, median [spread] | marginal | marginal / s3fs | wall / s3fs | peak anon |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     fixed = {d: _med(samples[(d, "tiny", "lmtk")]) for d in ("b2l", "l2b")}
     for key, runs in samples.items():
         direction, route, method = key
-        if route == "tiny":
+        if route == "tiny" or method == "bytes":
             continue
         wall = _med(runs)
         marginal = wall - fixed[direction] if method == "lmtk" else wall
         other = "s3fs get" if direction == "b2l" else "s3fs put"
         base = samples.get((direction, route if direction == "b2l" else "pth", other))
         ratio = f"{marginal / _med(base):.2f}x" if base and method == "lmtk" else "1.00x" if method == other else ""
+        whole = f"{wall / _med(base):.2f}x" if base and method == "lmtk" else "1.00x" if method == other else ""
         spread = f"{min(s.seconds for s in runs):.2f}-{max(s.seconds for s in runs):.2f}"
         anon = max(s.peak_anon for s in runs) / 2**20
         size = f" ({nbytes[route] / 1e9:.2f} GB)" if direction == "b2l" else ""
         lines.append(f"| {'bucket -> local' if direction == 'b2l' else 'local -> bucket'} | {route}{size} | {method} "
-                     f"| {wall:.2f} s [{spread}] | {marginal:.2f} s | {ratio} | {anon:.0f} MiB |")
+                     f"| {wall:.2f} s [{spread}] | {marginal:.2f} s | {ratio} | {whole} | {anon:.0f} MiB |")
     lines += ["", f"Fixed cost (tiny checkpoint, same route): bucket -> local {fixed['b2l']:.2f} s, local -> bucket "
               f"{fixed['l2b']:.2f} s.", ""]
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 """Where bytes live: local paths, and model folders written to a bucket (``s3://``, ``gs://``, through fsspec).
 
-A conversion into a bucket is made in a local staging folder, as any conversion, then handed over file by
-file: the weights and the rest first, ``conversion.json`` last, so a prefix without it is never a model. A
-failed upload removes what it put there. A prefix left without ``conversion.json`` (a killed run) is cleaned
-by the next run before it converts again. Reading checkpoints from a bucket is not built: such a URL is
-refused in one line.
+A conversion into a bucket is made in a local staging folder, as any conversion; its weight files are sent
+while they are written (``Uploads``, S3), the rest after, ``conversion.json`` last, so a prefix without it is
+never a model. A failed upload removes what it put there. A prefix left without ``conversion.json`` (a killed
+run) is cleaned by the next run before it converts again. Reading checkpoints where they lie in a bucket is
+``lmtk.remote``.
 """
 
 from __future__ import annotations

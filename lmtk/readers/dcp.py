@@ -8,7 +8,6 @@ counters) are never unpickled.
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import math
 import os
