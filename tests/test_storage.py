@@ -295,3 +295,15 @@ def test_the_server_stopping_while_a_shard_is_sent_leaves_no_object(big: tuple[P
         assert {Path(k).name for k in server.filesystem().find("lmtk-down/out/big")} >= {MARKER, "model.safetensors"}
     finally:
         server.stop()
+
+
+def test_a_gs_url_without_its_filesystem_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    """gs:// shares the code path with s3://; without gcsfs installed (as here) it says which extra brings it."""
+    pytest.importorskip("s3fs")
+    if __import__("importlib").util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed: this checks the message a user without it gets")
+    result = run_lmtk("convert.checkpoint_path=gs://some-bucket/run", f"convert.base_model={BASE}",
+                      f"convert.output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    _one_error_line(result.stdout + result.stderr, "gs://some-bucket/run", 'pip install "lmtk[gcs]"')
+    assert not (tmp_path / "out").exists()
