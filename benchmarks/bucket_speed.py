@@ -134,6 +134,7 @@ def main() -> None:
         print(report)
     finally:
         server.stop()
+        shutil.rmtree(args.work / "s3", ignore_errors=True)  # SeaweedFS keeps removed objects' space: tens of GB
 
 
 def _med(runs: list[Sample]) -> float:
