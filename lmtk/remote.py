@@ -254,7 +254,7 @@ class BucketPath(PurePosixPath):
         size = self.stat().st_size
         window = buffering if buffering > 0 else _WINDOW
         raw: Any = io.BytesIO(self.read_bytes()) if size <= window else \
-            io.BufferedReader(_Ranges(self, size), window)
+            io.BufferedReader(Sparse(self, 0, size, {}), window)
         return io.TextIOWrapper(raw, encoding="utf-8") if mode == "r" else raw
 
 
@@ -500,34 +500,3 @@ def streamed(path: BucketPath, meta: torch.Tensor) -> Iterator[torch.Tensor]:
         return
     yield from stream(path, start + meta.storage_offset() * meta.element_size(), meta.numel() * meta.element_size(),
                       dtype=meta.dtype)
-
-
-class _Ranges(io.RawIOBase):
-    """A large object as a seekable file: each read one ranged GET (a BufferedReader above reads ahead)."""
-
-    def __init__(self, path: BucketPath, size: int) -> None:
-        self._path, self._size, self._pos = path, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = min(max(base + pos, 0), self._size)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        end = min(self._pos + len(view), self._size)
-        if end <= self._pos:
-            return 0
-        data = fetch(self._path, self._pos, end)
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
