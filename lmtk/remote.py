@@ -315,7 +315,10 @@ class Sparse(io.RawIOBase):
                 view[:n] = data[self._pos - at : self._pos - at + n]
                 break
         else:
-            view[:n] = fetch(self._path, self._start + self._pos, self._start + self._pos + n)
+            # An object cut short since it was listed gives fewer bytes: a short read, as a shorter file gives.
+            data = fetch(self._path, self._start + self._pos, self._start + self._pos + n)
+            n = len(data)
+            view[:n] = data
         self._pos += n
         return n
 
