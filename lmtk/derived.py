@@ -8,8 +8,6 @@ one source as stored, so its bytes still stream uncopied.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,44 +123,6 @@ class LoraMerge:
         return merged.to(tensors[0].dtype)
 
 
-_DONE = object()
-
-
-def ahead(blocks: Iterator[torch.Tensor], *, depth: int = 2) -> Iterator[torch.Tensor]:
-    """``blocks``, made on a thread of their own up to ``depth`` ahead of the consumer: reading W's pages (from
-    disk, when the cache is cold) and the product overlap the writer's writes instead of alternating with them
-    (measured: the merged rows' page faults and the writes took about half the main thread each)."""
-    made: queue.Queue[object] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                made.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for block in blocks:
-                if not put(block):
-                    return
-            put(_DONE)
-        except BaseException as e:  # handed to the consumer, raised there
-            put(e)
-
-    threading.Thread(target=produce, name="lmtk-merge", daemon=True).start()
-    try:
-        while (item := made.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-
-
 class DerivedReader:
     """A view whose tensors are ``Derived`` entries over ``readers`` (the first is the checkpoint's)."""
 
@@ -215,7 +175,7 @@ class DerivedReader:
             [source] = entry.sources
             return self._readers[source.reader].read_pieces(source.key)
         if isinstance(entry.transform, LoraMerge):
-            return ahead(entry.transform.blocks([self._readers[s.reader].read(s.key) for s in entry.sources]))
+            return entry.transform.blocks([self._readers[s.reader].read(s.key) for s in entry.sources])
         return [self.read(name)]
 
     def same_bytes(self, a: str, b: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from lmtk.errors import ConversionError
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 22  # elements per block: 16 MB of float32
-_CHECKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmtk-check")
 
 # NaN and Inf are the values whose exponent bits are all ones; numpy checks those bits ~20x faster
 # than torch.isfinite on CPU, for bfloat16 too. Each block is first checked whole, in one pass (about
@@ -34,19 +32,21 @@ _EXPONENT_BITS = {
 def streamed(
     fetch: Callable[[str], Iterable[torch.Tensor]], *, path: Path, dtype: torch.dtype | None, nonfinite: NonFinite
 ) -> Callable[[str], Iterator[torch.Tensor]]:
-    """Wrap a fetch: cast floating-point pieces to ``dtype`` block by block and count NaN/Inf after the cast."""
+    """Wrap a fetch: cast floating-point pieces to ``dtype`` block by block and count NaN/Inf after the cast.
+
+    The writer runs it on its look-ahead thread (``lmtk.writer.ahead``): the next pieces are cast and checked on
+    the other core while this one is written.
+    """
 
     def stream(name: str) -> Iterator[torch.Tensor]:
-        checks = []
+        bad = 0
         for piece in fetch(name):
             cast = dtype is not None and piece.is_floating_point() and piece.dtype != dtype
             blocks = _blocks(piece) if cast else [piece]
             for block in blocks:
                 out = block.to(dtype) if cast else block
-                # numpy and file writes both release the GIL: check on the other core while this one writes.
-                checks.append(_CHECKER.submit(count_nonfinite, out))
+                bad += count_nonfinite(out)
                 yield out
-        bad = sum(check.result() for check in checks)
         if bad:
             message = f"{name} has {bad} NaN/Inf values" + (f" after the cast to {dtype}" if dtype else "")
             if nonfinite is NonFinite.fail:

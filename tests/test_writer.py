@@ -1,0 +1,91 @@
+"""The writer's look-ahead: pieces made on their own thread, within a byte budget, errors in order, stopped on exit."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmtk.readers.base import TensorSpec
+from lmtk.writer import ahead, write_safetensors
+
+
+def test_pieces_come_in_order_and_never_run_more_than_the_budget_ahead() -> None:
+    made: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(50):
+            made.append(i)
+            yield i
+
+    ahead_of_consumer = []
+    for i in ahead(items(), budget=3, size=lambda item: 1):
+        ahead_of_consumer.append(len(made) - 1 - i)
+    assert ahead_of_consumer and max(ahead_of_consumer) <= 4  # three queued, one in the maker's hand
+    assert made == list(range(50))
+
+
+def test_an_item_larger_than_the_budget_still_goes_through_alone() -> None:
+    assert list(ahead(iter([5, 7, 1]), budget=2, size=lambda item: item)) == [5, 7, 1]
+
+
+def test_an_error_while_making_comes_after_the_items_made_before_it() -> None:
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("block 3 is bad")
+
+    got = []
+    with pytest.raises(ValueError, match="block 3 is bad"):
+        for item in ahead(items(), budget=100, size=lambda item: 1):
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_a_consumer_that_stops_stops_the_maker_and_its_clean_up_runs_there() -> None:
+    cleaned: list[str] = []
+
+    def items() -> Iterator[int]:
+        try:
+            for i in range(1_000_000):
+                yield i
+        finally:
+            cleaned.append(threading.current_thread().name)
+
+    pieces = ahead(items(), budget=4, size=lambda item: 1)
+    assert next(pieces) == 0
+    pieces.close()
+    assert cleaned == ["lmtk-ahead"]  # done before close() returned, on the thread that ran the items
+    assert not [t for t in threading.enumerate() if t.name == "lmtk-ahead"]
+
+
+def test_a_failed_tensor_stops_the_file_and_the_maker(tmp_path: Path) -> None:
+    specs = {f"t{i}": TensorSpec((4, 4), torch.float32) for i in range(8)}
+    fetched: list[str] = []
+
+    def fetch(name: str) -> Iterator[torch.Tensor]:
+        fetched.append(name)
+        if name == "t3":
+            raise RuntimeError("t3 cannot be read")
+        yield torch.full((4, 4), float(name[1:]))
+
+    with pytest.raises(RuntimeError, match="t3 cannot be read"):
+        write_safetensors(tmp_path / "model.safetensors", specs, fetch)
+    assert fetched == ["t0", "t1", "t2", "t3"]  # nothing fetched past the failure
+    assert not [t for t in threading.enumerate() if t.name == "lmtk-ahead"]
+
+
+def test_pieces_of_many_tensors_land_where_the_header_says(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.randn(3 + i, 70_000) for i in range(6)}
+
+    def fetch(name: str) -> Iterator[torch.Tensor]:
+        yield from tensors[name].reshape(-1).split(50_000)  # pieces that cross the 64 KiB writes unevenly
+
+    write_safetensors(tmp_path / "model.safetensors", {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in tensors.items()},
+                      fetch)
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
