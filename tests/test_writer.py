@@ -89,3 +89,34 @@ def test_pieces_of_many_tensors_land_where_the_header_says(tmp_path: Path) -> No
                       fetch)
     loaded = load_file(tmp_path / "model.safetensors")
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_file_ranges_and_pieces_in_memory_interleave(tmp_path: Path) -> None:
+    """Mapped pieces are copied with copy_file_range, pieces in memory written from it: alternating both, in
+    pieces that cross the 64 KiB writes unevenly, every byte lands where the header says."""
+    from lmtk.readers.safetensors import SafetensorsReader
+    from safetensors.torch import save_file
+
+    source = tmp_path / "source"
+    source.mkdir()
+    mapped = {f"m{i}": torch.randn(5 + i, 30_000) for i in range(4)}
+    save_file(mapped, source / "model.safetensors")
+    reader = SafetensorsReader(source)
+    in_memory = {f"c{i}": torch.randn(7, 20_001 + i) for i in range(4)}
+    order = [name for pair in zip(mapped, in_memory) for name in pair]
+    tensors = {**mapped, **in_memory}
+
+    def fetch(name: str) -> list[torch.Tensor]:
+        return list(reader.read_pieces(name)) if name in mapped else list(in_memory[name].reshape(-1).split(33_333))
+
+    write_safetensors(tmp_path / "model.safetensors", {n: TensorSpec(tuple(tensors[n].shape), torch.float32) for n in order},
+                      fetch)
+    reader.close()
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert list(loaded) == order and all(torch.equal(loaded[n], tensors[n]) for n in order)
+
+
+def test_a_tensor_of_another_size_than_planned_is_refused(tmp_path: Path) -> None:
+    specs = {"a": TensorSpec((4,), torch.float32), "b": TensorSpec((4,), torch.float32)}
+    with pytest.raises(ValueError, match=r"a: got 32 bytes, planned 16 for \[4\]"):
+        write_safetensors(tmp_path / "model.safetensors", specs, lambda name: [torch.ones(8)])
