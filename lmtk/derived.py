@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from lmtk.errors import ConversionError
+from lmtk.pool import take
 from lmtk.readers.base import Reader, SourceInfo, TensorSpec, same_bytes
 
 CHECKPOINT, BASE = "checkpoint", "base"
@@ -103,14 +104,17 @@ class LoraMerge:
         threads = torch.get_num_threads()
         for start in range(0, weight.shape[0], step):
             rows = weight[start : start + step]
+            shape = tuple(rows.shape)
             # One thread: the product is memory-bound, and idle OpenMP workers spinning for the next block fight
             # the NaN/Inf check and the writer for the other core (measured 5x slower with two).
             torch.set_num_threads(1)
             try:
-                block = torch.addmm(rows.to(torch.float32), left[start : start + step], right, alpha=self.scale)
+                block = take(shape, torch.float32).copy_(rows).addmm_(left[start : start + step], right,
+                                                                      alpha=self.scale)
+                out = block if weight.dtype == torch.float32 else take(shape, weight.dtype).copy_(block)
             finally:
                 torch.set_num_threads(threads)
-            yield block.to(weight.dtype)
+            yield out
 
     def apply(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         weight, a, b = (t.to(torch.float32) for t in tensors[:3])

@@ -12,6 +12,7 @@ import torch
 
 from lmtk.config import NonFinite
 from lmtk.errors import ConversionError
+from lmtk.pool import take
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def streamed(
             cast = dtype is not None and piece.is_floating_point() and piece.dtype != dtype
             blocks = _blocks(piece) if cast else [piece]
             for block in blocks:
-                out = block.to(dtype) if cast else block
+                out = take(tuple(block.shape), dtype).copy_(block) if cast else block
                 bad += count_nonfinite(out)
                 yield out
         if bad:

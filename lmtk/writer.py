@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import BinaryIO, Protocol, TypeVar
 
 import torch
 
+from lmtk.pool import Pool
 from lmtk.readers.base import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -187,26 +189,30 @@ def ahead(items: Iterator[T], *, budget: int, size: Callable[[T], int]) -> Itera
 
     Making a piece (a merged LoRA block, a cast, a bucket's part, the NaN/Inf check) and writing the one before
     then overlap on two cores. An error raised while making comes out in order, after the items made before it;
-    a consumer that stops early stops the maker after the item in hand.
+    a consumer that stops early stops the maker after the item in hand. Memory the pieces take with
+    ``lmtk.pool.take`` is reused once the consumer asks for the item after theirs.
     """
     ready: deque[tuple[T, int]] = deque()
     held = 0
     finished = stopped = False
     failure: BaseException | None = None
     turn = threading.Condition()
+    pool = Pool(keep=2 * budget)  # what the pieces are made in, reused once written
 
     def make() -> None:
         nonlocal held, finished, failure
         try:
-            for item in items:
-                n = size(item)
-                with turn:
-                    turn.wait_for(lambda: stopped or not ready or held + n <= budget)
-                    if stopped:
-                        break
-                    ready.append((item, n))
-                    held += n
-                    turn.notify_all()
+            with pool.installed():
+                for item in items:
+                    n = size(item)
+                    with turn:
+                        turn.wait_for(lambda: stopped or not ready or held + n <= budget)
+                        if stopped:
+                            break
+                        ready.append((item, n))
+                        held += n
+                        pool.made()
+                        turn.notify_all()
         except BaseException as e:  # handed to the consumer, raised there
             failure = e
         finally:
@@ -219,7 +225,7 @@ def ahead(items: Iterator[T], *, budget: int, size: Callable[[T], int]) -> Itera
     maker = threading.Thread(target=make, name="lmtk-ahead", daemon=True)
     maker.start()
     try:
-        while True:
+        for index in itertools.count():
             with turn:
                 turn.wait_for(lambda: ready or finished)
                 if not ready:
@@ -230,6 +236,7 @@ def ahead(items: Iterator[T], *, budget: int, size: Callable[[T], int]) -> Itera
                 held -= n
                 turn.notify_all()
             yield item
+            pool.written(index)
     finally:
         with turn:
             stopped = True
@@ -237,11 +244,12 @@ def ahead(items: Iterator[T], *, budget: int, size: Callable[[T], int]) -> Itera
         maker.join()
 
 
-# Bytes per write() from memory: the unit the kernel's own copy (copy_file_range, splice) writes in. The page
-# cache sizes its folios by the write: a 16 MiB write asks for 2 MiB folios, which a VM that hands free memory
-# back to its host must fault in afresh (measured here: 3 GB in 5.9-6.3 s in 16 MiB writes, 3.0-3.5 s in 64 KiB
-# writes, 2.7-3.4 s by copy_file_range, interleaved).
-_WRITE = 64 << 10
+# Bytes per write() from memory. The page cache sizes its folios by the write: a 16 MiB write asks for 2 MiB
+# folios, which a VM that hands free memory back to its host must fault in afresh (measured here: 3 GB in 5.9-6.3 s
+# in 16 MiB writes, 3.0-3.5 s in 64 KiB writes, 2.7-3.4 s by copy_file_range). Each write also gives up the
+# interpreter lock, and takes it back from the look-ahead thread: 256 KiB writes take a quarter of the turns of
+# 64 KiB ones (merged LoRA, 774M: 3.84-3.86 s against 4.24 s whole, interleaved; 512 KiB already met the slow folios).
+_WRITE = 256 << 10
 
 
 def _write_all(f: BinaryIO, data: bytes | memoryview, on_bytes: Callable[[int], object]) -> int:

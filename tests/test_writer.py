@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from lmtk.readers.base import TensorSpec
-from lmtk.writer import ahead, write_safetensors
+from lmtk.pool import take
+from lmtk.writer import _WRITE, ahead, write_safetensors
+
+# float32 pieces of one and a half writes and a little: each crosses a write's end unevenly.
+UNEVEN = 3 * _WRITE // 8 + 5
 
 
 def test_pieces_come_in_order_and_never_run_more_than_the_budget_ahead() -> None:
@@ -27,6 +32,22 @@ def test_pieces_come_in_order_and_never_run_more_than_the_budget_ahead() -> None
         ahead_of_consumer.append(len(made) - 1 - i)
     assert ahead_of_consumer and max(ahead_of_consumer) <= 4  # three queued, one in the maker's hand
     assert made == list(range(50))
+
+
+def test_memory_taken_for_a_piece_is_reused_only_after_the_consumer_is_past_it() -> None:
+    """Each piece is made in memory from ``take``: reused for later pieces, never while the consumer holds it."""
+    count, elements = 40, 1 << 16
+
+    def items() -> Iterator[torch.Tensor]:
+        for i in range(count):
+            yield take((elements,), torch.float32).fill_(i)
+
+    addresses = set()
+    for i, piece in enumerate(ahead(items(), budget=3 * elements * 4, size=lambda t: t.numel() * 4)):
+        time.sleep(0.002)  # the maker runs ahead meanwhile, taking memory for the next pieces
+        assert bool((piece == i).all()), f"piece {i} was overwritten while in the consumer's hand"
+        addresses.add(piece.data_ptr())
+    assert len(addresses) <= 6  # three ahead, one in hand, one being made: the same few buffers over and over
 
 
 def test_an_item_larger_than_the_budget_still_goes_through_alone() -> None:
@@ -80,10 +101,10 @@ def test_a_failed_tensor_stops_the_file_and_the_maker(tmp_path: Path) -> None:
 
 
 def test_pieces_of_many_tensors_land_where_the_header_says(tmp_path: Path) -> None:
-    tensors = {f"t{i}": torch.randn(3 + i, 70_000) for i in range(6)}
+    tensors = {f"t{i}": torch.randn(3 + i, 70_001) for i in range(6)}
 
     def fetch(name: str) -> Iterator[torch.Tensor]:
-        yield from tensors[name].reshape(-1).split(50_000)  # pieces that cross the 64 KiB writes unevenly
+        yield from tensors[name].reshape(-1).split(UNEVEN)
 
     write_safetensors(tmp_path / "model.safetensors", {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in tensors.items()},
                       fetch)
@@ -93,7 +114,7 @@ def test_pieces_of_many_tensors_land_where_the_header_says(tmp_path: Path) -> No
 
 def test_file_ranges_and_pieces_in_memory_interleave(tmp_path: Path) -> None:
     """Mapped pieces are copied with copy_file_range, pieces in memory written from it: alternating both, in
-    pieces that cross the 64 KiB writes unevenly, every byte lands where the header says."""
+    pieces that cross the writes unevenly, every byte lands where the header says."""
     from lmtk.readers.safetensors import SafetensorsReader
     from safetensors.torch import save_file
 
@@ -107,7 +128,7 @@ def test_file_ranges_and_pieces_in_memory_interleave(tmp_path: Path) -> None:
     tensors = {**mapped, **in_memory}
 
     def fetch(name: str) -> list[torch.Tensor]:
-        return list(reader.read_pieces(name)) if name in mapped else list(in_memory[name].reshape(-1).split(33_333))
+        return list(reader.read_pieces(name)) if name in mapped else list(in_memory[name].reshape(-1).split(UNEVEN))
 
     write_safetensors(tmp_path / "model.safetensors", {n: TensorSpec(tuple(tensors[n].shape), torch.float32) for n in order},
                       fetch)
