@@ -3,9 +3,9 @@
 A merged LoRA block or a cast piece is a new tensor of a few MiB, made for one write. Allocated afresh,
 glibc hands each back to the kernel when it is freed (a mapping of its own, or the top of the thread's heap
 trimmed), and the next one faults in again page by page: on a VM that hands free memory back to its host, a
-fault there too (merged LoRA, 774M: 190-260 k page faults on the look-ahead thread, 55-60 k with the buffers
-kept). Here the look-ahead thread takes its buffers from a ``Pool``, and a buffer goes back to the pool once
-the writer has asked for the item after the one it was taken for.
+fault there too (merged LoRA, 774M: 190-260 k page faults on the look-ahead thread; 51-55 k with this pool,
+those of the memory-mapped sources). Here the look-ahead thread takes its buffers from a ``Pool``, and a
+buffer goes back to the pool once the writer has asked for the item after the one it was taken for.
 
 A buffer taken while the look-ahead thread makes item k belongs to item k: the pieces' generators make one
 item at a time and yield it before they take memory for the next, so once the writer is past item k, nothing
