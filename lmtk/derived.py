@@ -101,6 +101,8 @@ class LoraMerge:
         left, right = (a.to(torch.float32).T, b.to(torch.float32).T) if self.transpose else \
             (b.to(torch.float32), a.to(torch.float32))
         step = max(1, self.BLOCK_ELEMENTS // max(1, weight.shape[1]))
+        # A block from the writer's pool must reach it whole; a row wider than a block could be split by a cast.
+        new = take if step * weight.shape[1] <= self.BLOCK_ELEMENTS else _empty
         threads = torch.get_num_threads()
         for start in range(0, weight.shape[0], step):
             rows = weight[start : start + step]
@@ -109,9 +111,9 @@ class LoraMerge:
             # the NaN/Inf check and the writer for the other core (measured 5x slower with two).
             torch.set_num_threads(1)
             try:
-                block = take(shape, torch.float32).copy_(rows).addmm_(left[start : start + step], right,
-                                                                      alpha=self.scale)
-                out = block if weight.dtype == torch.float32 else take(shape, weight.dtype).copy_(block)
+                block = new(shape, torch.float32).copy_(rows).addmm_(left[start : start + step], right,
+                                                                     alpha=self.scale)
+                out = block if weight.dtype == torch.float32 else new(shape, weight.dtype).copy_(block)
             finally:
                 torch.set_num_threads(threads)
             yield out
@@ -125,6 +127,10 @@ class LoraMerge:
             magnitude = tensors[3].to(torch.float32)
             merged.mul_((magnitude / torch.linalg.norm(merged, dim=1)).reshape(-1, 1))
         return merged.to(tensors[0].dtype)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 class DerivedReader:

@@ -9,7 +9,9 @@ buffer goes back to the pool once the writer has asked for the item after the on
 
 A buffer taken while the look-ahead thread makes item k belongs to item k: the pieces' generators make one
 item at a time and yield it before they take memory for the next, so once the writer is past item k, nothing
-reads what item k was made from. Off the look-ahead thread ``take`` is ``torch.empty``.
+reads what item k was made from. So a piece made in the pool must reach the writer as one item: a cast splits
+pieces of more than ``stream.BLOCK`` elements across items, which a merged LoRA block (``LoraMerge.BLOCK_ELEMENTS``
+at most; a wider row is made outside the pool) never is. Off the look-ahead thread ``take`` is ``torch.empty``.
 """
 
 from __future__ import annotations

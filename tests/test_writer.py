@@ -50,6 +50,15 @@ def test_memory_taken_for_a_piece_is_reused_only_after_the_consumer_is_past_it()
     assert len(addresses) <= 6  # three ahead, one in hand, one being made: the same few buffers over and over
 
 
+def test_a_merged_block_from_the_pool_is_never_split_by_a_cast() -> None:
+    """Pool memory is reused once the writer is past the item it was taken for: a piece split into several
+    items by a cast would still be read after that. A merged block must fit one cast block."""
+    from lmtk import stream
+    from lmtk.derived import LoraMerge
+
+    assert LoraMerge.BLOCK_ELEMENTS <= stream.BLOCK
+
+
 def test_an_item_larger_than_the_budget_still_goes_through_alone() -> None:
     assert list(ahead(iter([5, 7, 1]), budget=2, size=lambda item: item)) == [5, 7, 1]
 
